@@ -1,0 +1,137 @@
+//! The presigned blob URLs: `PUT /blobs/{id}` uploads, `GET /blobs/{id}` downloads.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use courier_shared::Courier;
+use courier_shared::embedded::{FileBlobs, UploadError};
+use courier_shared::ids::AttachmentId;
+use courier_shared::ports::{Attachment, Clock, SystemClock};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+
+#[derive(Clone)]
+pub struct BlobState {
+    pub courier: Arc<Courier>,
+    pub files: FileBlobs,
+}
+
+#[derive(Deserialize)]
+pub struct Signed {
+    expires: i64,
+    sig: String,
+}
+
+fn refuse(e: UploadError) -> Response {
+    let status = match e {
+        UploadError::Forbidden => StatusCode::FORBIDDEN,
+        UploadError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        UploadError::NotFound => StatusCode::NOT_FOUND,
+        UploadError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, format!("{e}\n")).into_response()
+}
+
+/// Checks the URL and finds the attachment it names.
+async fn signed_attachment(
+    state: &BlobState,
+    method: &str,
+    id: &str,
+    signed: &Signed,
+) -> Result<Attachment, UploadError> {
+    state
+        .files
+        .check(method, id, signed.expires, &signed.sig, SystemClock.now())?;
+    let id = AttachmentId::try_from(id).map_err(|_| UploadError::NotFound)?;
+    match state.courier.ports().attachments.attachment(&id).await {
+        Ok(Some(attachment)) => Ok(attachment),
+        Ok(None) => Err(UploadError::NotFound),
+        Err(_) => Err(UploadError::Internal),
+    }
+}
+
+pub async fn upload(
+    State(state): State<BlobState>,
+    Path(id): Path<String>,
+    Query(signed): Query<Signed>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let attachment = signed_attachment(&state, "PUT", &id, &signed).await?;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if header("content-type") != Some(attachment.content_type.as_str()) {
+            return Err(UploadError::BadRequest(format!(
+                "the content-type header must be {}",
+                attachment.content_type
+            )));
+        }
+        let length = header("content-length").and_then(|v| v.parse().ok());
+        let mut upload = state
+            .files
+            .begin_upload(
+                &attachment,
+                header(courier_shared::embedded::CHECKSUM_HEADER),
+                length,
+            )
+            .await?;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk: Bytes = match chunk {
+                Ok(chunk) => chunk,
+                Err(_) => {
+                    upload.abandon().await;
+                    return Err(UploadError::BadRequest("the upload was cut short".into()));
+                }
+            };
+            upload.write(&chunk).await?;
+        }
+        upload.finish().await
+    };
+    match result.await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => refuse(e),
+    }
+}
+
+pub async fn download(
+    State(state): State<BlobState>,
+    Path(id): Path<String>,
+    Query(signed): Query<Signed>,
+) -> Response {
+    let result = async {
+        let attachment = signed_attachment(&state, "GET", &id, &signed).await?;
+        let path = state.files.download_path(&attachment)?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|_| UploadError::NotFound)?;
+        Ok::<_, UploadError>((attachment, file))
+    };
+    let (attachment, file) = match result.await {
+        Ok(found) => found,
+        Err(e) => return refuse(e),
+    };
+    let chunks = futures_util::stream::unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, attachment.content_type),
+            (header::CONTENT_LENGTH, attachment.size.to_string()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}

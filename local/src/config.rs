@@ -1,0 +1,47 @@
+//! The local server's settings: where it listens, keeps data and what limits it applies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use courier_shared::domain::Limits;
+use courier_shared::embedded::Durability;
+use courier_shared::ratelimit::RateLimit;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub jwt_secret: String,
+    /// Base of the blob URLs handed to clients; defaults to `http://{addr}`.
+    pub public_url: Option<String>,
+    pub durability: Durability,
+    /// API Gateway closes a connection idle this long (10 minutes).
+    pub idle_timeout: Duration,
+    /// API Gateway closes any connection after this long (2 hours).
+    pub max_connection: Duration,
+    /// Client frames up to this size are processed (API Gateway: 32 KiB).
+    pub max_frame_bytes: usize,
+    /// Frames past this are not even read: the connection closes with 1009.
+    pub hard_frame_bytes: usize,
+    pub rate_limit: RateLimit,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: ([127, 0, 0, 1], 3001).into(),
+            data_dir: PathBuf::from(".courier"),
+            jwt_secret: courier_shared::auth::DEV_SECRET.to_owned(),
+            public_url: None,
+            durability: Durability::default(),
+            idle_timeout: Duration::from_secs(600),
+            max_connection: Duration::from_secs(2 * 60 * 60),
+            max_frame_bytes: 32 * 1024,
+            hard_frame_bytes: 1024 * 1024,
+            rate_limit: RateLimit::default(),
+            limits: Limits::default(),
+        }
+    }
+}

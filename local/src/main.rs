@@ -1,0 +1,131 @@
+//! The `courier-local` command: serve Courier on one machine, or mint a dev token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use courier_local::Config;
+use courier_shared::embedded::Durability;
+use courier_shared::ratelimit::RateLimit;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Courier on one machine: the WebSocket API, its management API and blob URLs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[arg(long, env = "COURIER_ADDR", default_value = "127.0.0.1:3001")]
+    addr: SocketAddr,
+    #[arg(long, env = "COURIER_DATA_DIR", default_value = ".courier")]
+    data_dir: PathBuf,
+    /// HS256 secret that tokens are verified with.
+    #[arg(long, env = "COURIER_JWT_SECRET", default_value = courier_shared::auth::DEV_SECRET, hide_default_value = true)]
+    jwt_secret: String,
+    /// Base URL of the blob links handed to clients (default: http://ADDR).
+    #[arg(long, env = "COURIER_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// `process`: a commit survives the process dying; `disk`: it is fsynced, surviving power loss too.
+    #[arg(
+        long,
+        env = "COURIER_DURABILITY",
+        value_enum,
+        default_value = "process"
+    )]
+    durability: DurabilityArg,
+    /// Seconds without a frame before a connection is closed.
+    #[arg(long, env = "COURIER_IDLE_TIMEOUT", default_value_t = 600)]
+    idle_timeout: u64,
+    /// Seconds a connection may last at most.
+    #[arg(long, env = "COURIER_MAX_CONNECTION", default_value_t = 7200)]
+    max_connection: u64,
+    /// Frames a connection may send in a burst.
+    #[arg(long, env = "COURIER_RATE_BURST", default_value_t = 50.0)]
+    rate_burst: f64,
+    /// Frames a second a connection may send, sustained.
+    #[arg(long, env = "COURIER_RATE_PER_SECOND", default_value_t = 20.0)]
+    rate_per_second: f64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Print a token for USER signed with the server's secret.
+    Token {
+        user: String,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 24 * 60 * 60)]
+        ttl: i64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DurabilityArg {
+    Process,
+    Disk,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Token { user, ttl }) = &cli.command {
+        courier_shared::ids::UserId::try_from(user.as_str()).map_err(anyhow::Error::msg)?;
+        println!(
+            "{}",
+            courier_shared::auth::mint(cli.jwt_secret.as_bytes(), user, *ttl)
+        );
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config {
+        addr: cli.addr,
+        data_dir: cli.data_dir,
+        jwt_secret: cli.jwt_secret,
+        public_url: cli.public_url,
+        durability: match cli.durability {
+            DurabilityArg::Process => Durability::Process,
+            DurabilityArg::Disk => Durability::Disk,
+        },
+        idle_timeout: Duration::from_secs(cli.idle_timeout),
+        max_connection: Duration::from_secs(cli.max_connection),
+        rate_limit: RateLimit {
+            capacity: cli.rate_burst,
+            per_second: cli.rate_per_second,
+        },
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
+    courier_local::serve(config, listener, shutdown_signal()).await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}

@@ -1,0 +1,926 @@
+//! `SqliteStore`: every table port, and the job queue, on one SQLite database in WAL mode.
+//!
+//! One writer thread owns the write connection and commits whatever writes
+//! are waiting as one transaction (group commit): each write still gets its
+//! own answer only after the commit that holds it, and a failing write rolls
+//! back alone (each runs in a savepoint). Reads run on a small pool of
+//! connections on tokio's blocking threads, so they never queue behind writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{Notify, oneshot};
+
+use crate::domain::{Chat, Device, InboxKey, Member, Millis};
+use crate::error::{Error, Result};
+use crate::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
+use crate::ports::{
+    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, Job, Jobs,
+    MessageStore, Store, StoredMessage,
+};
+
+/// How far a commit goes before a write is answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// The commit reaches the OS before the answer (WAL, `synchronous=NORMAL`):
+    /// it survives the process being killed, not a power cut.
+    #[default]
+    Process,
+    /// The commit is fsynced before the answer (`synchronous=FULL`): it
+    /// survives a power cut too.
+    Disk,
+}
+
+/// Most writes one transaction takes before it commits.
+const MAX_GROUP: usize = 512;
+const READERS: usize = 4;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS chats (
+    chat_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS participants (
+    user_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, chat_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    connection_id TEXT,
+    last_seen INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS connections (
+    connection_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    chat_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    body TEXT,
+    recipients TEXT NOT NULL,
+    fanned_out INTEGER NOT NULL DEFAULT 0,
+    dedupe TEXT,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (chat_id, message_id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (chat_id, dedupe) WHERE dedupe IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_unfinished ON messages (timestamp) WHERE fanned_out = 0;
+CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
+CREATE TABLE IF NOT EXISTS inbox (
+    inbox TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (inbox, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_expiry ON inbox (expires_at);
+CREATE TABLE IF NOT EXISTS attachments (
+    attachment_id TEXT PRIMARY KEY,
+    uploader TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attachment_chats (
+    attachment_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    PRIMARY KEY (attachment_id, chat_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY,
+    run_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    body TEXT NOT NULL,
+    dead INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (run_at) WHERE dead = 0;
+"#;
+
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+type WriteOp = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+/// SQLite behind every table port. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writes: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    readers: Mutex<Vec<Connection>>,
+    /// Woken when a job is queued, so the runner need not poll for it.
+    jobs_queued: Notify,
+    clock: Arc<dyn crate::ports::Clock>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn open(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match durability {
+        Durability::Process => "NORMAL",
+        Durability::Disk => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and starts its writer thread.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        clock: Arc<dyn crate::ports::Clock>,
+    ) -> Result<Self> {
+        let writer = open(path, durability)?;
+        writer.execute_batch(SCHEMA)?;
+        let (tx, rx) = mpsc::channel::<WriteOp>();
+        std::thread::Builder::new()
+            .name("courier-sqlite-writer".into())
+            .spawn(move || write_loop(writer, rx))
+            .map_err(Error::internal)?;
+        let readers = (0..READERS)
+            .map(|_| open(path, durability))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writes: Mutex::new(Some(tx)),
+                readers: Mutex::new(readers),
+                jobs_queued: Notify::new(),
+                clock,
+            }),
+        })
+    }
+
+    /// Stops taking writes and waits for the writer to commit what it has.
+    pub fn close(&self) {
+        self.inner
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Runs `f` in the next group commit; answers after that commit.
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |conn| {
+            let outcome = in_savepoint(conn, f);
+            Box::new(move |commit: Result<()>| {
+                let _ = tx.send(commit.and_then(|()| outcome.map_err(Error::from)));
+            })
+        });
+        let sender = self
+            .inner
+            .writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let sender = sender.ok_or_else(|| Error::unavailable("the store is closing"))?;
+        sender
+            .send(op)
+            .map_err(|_| Error::unavailable("the store is closed"))?;
+        rx.await
+            .map_err(|_| Error::internal("the store's writer stopped"))?
+    }
+
+    /// Runs `f` on a read connection on a blocking thread.
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open(&inner.path, Durability::Process)?,
+            };
+            let result = f(&conn);
+            let mut pool = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < READERS {
+                pool.push(conn);
+            }
+            Ok(result?)
+        })
+        .await
+        .map_err(Error::internal)?
+    }
+
+    fn now(&self) -> Millis {
+        self.inner.clock.now()
+    }
+
+    // ---- the job queue's consumer side ----
+
+    /// Waits until a job may be due: one was queued, or `timeout` passed.
+    pub async fn jobs_queued(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.jobs_queued.notified()).await;
+    }
+
+    /// Jobs due now, with their ids and how often they were tried.
+    pub async fn due_jobs(&self, limit: usize) -> Result<Vec<(i64, u32, Job)>> {
+        let now = self.now();
+        let rows: Vec<(i64, u32, String)> = self
+            .read(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT job_id, attempts, body FROM jobs WHERE dead = 0 AND run_at <= ?1 ORDER BY run_at LIMIT ?2",
+                )?;
+                stmt.query_map(params![now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+            })
+            .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for (id, attempts, body) in rows {
+            match serde_json::from_str(&body) {
+                Ok(job) => jobs.push((id, attempts, job)),
+                Err(e) => {
+                    tracing::error!(job = id, error = %e, "unreadable job buried");
+                    self.bury_job(id).await?;
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    pub async fn complete_job(&self, id: i64) -> Result<()> {
+        self.write(move |c| {
+            c.execute("DELETE FROM jobs WHERE job_id = ?1", [id])
+                .map(drop)
+        })
+        .await
+    }
+
+    pub async fn retry_job(&self, id: i64, run_at: Millis) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE jobs SET attempts = attempts + 1, run_at = ?2 WHERE job_id = ?1",
+                params![id, run_at],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Sets a job aside for good: the dead-letter queue of the local shape.
+    pub async fn bury_job(&self, id: i64) -> Result<()> {
+        self.write(move |c| {
+            c.execute("UPDATE jobs SET dead = 1 WHERE job_id = ?1", [id])
+                .map(drop)
+        })
+        .await
+    }
+
+    pub async fn dead_jobs(&self) -> Result<u64> {
+        self.read(|c| {
+            c.query_row("SELECT count(*) FROM jobs WHERE dead = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .await
+        .map(|n| n as u64)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writes
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
+) -> rusqlite::Result<R> {
+    conn.execute_batch("SAVEPOINT op")?;
+    match f(conn) {
+        Ok(r) => {
+            conn.execute_batch("RELEASE op")?;
+            Ok(r)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            Err(e)
+        }
+    }
+}
+
+/// The writer thread: take what is waiting, run it in one transaction, commit, answer.
+fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let commit = (|| -> rusqlite::Result<Vec<Completion>> {
+            let tx = Transaction::new(&mut conn, rusqlite::TransactionBehavior::Immediate)?;
+            let completions: Vec<Completion> = batch.drain(..).map(|op| op(&tx)).collect();
+            tx.commit()?;
+            Ok(completions)
+        })();
+        match commit {
+            Ok(completions) => completions.into_iter().for_each(|done| done(Ok(()))),
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                // The ops were consumed by the failed transaction; their
+                // senders drop and each waiting write sees the writer error.
+                drop(batch);
+            }
+        }
+    }
+}
+
+// ---- row helpers ----
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("domain types serialize")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+fn id<T: TryFrom<String, Error = String>>(text: String) -> rusqlite::Result<T> {
+    T::try_from(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChatRow {
+    name: String,
+    members: Vec<Member>,
+    admins: Vec<UserId>,
+    created_at: Millis,
+}
+
+fn chat_from_row(chat_id: String, body: String, version: i64) -> rusqlite::Result<Chat> {
+    let row: ChatRow = from_json(&body)?;
+    Ok(Chat {
+        id: id(chat_id)?,
+        name: row.name,
+        members: row.members,
+        admins: row.admins,
+        created_at: row.created_at,
+        version: version as u64,
+    })
+}
+
+fn chat_body(chat: &Chat) -> String {
+    json(&ChatRow {
+        name: chat.name.clone(),
+        members: chat.members.clone(),
+        admins: chat.admins.clone(),
+        created_at: chat.created_at,
+    })
+}
+
+fn dedupe_text(key: &DedupeKey) -> String {
+    format!("{}#{}#{}", key.user, key.device, key.client_message_id)
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let recipients: String = r.get("recipients")?;
+    let recipients: Vec<String> = from_json(&recipients)?;
+    Ok(StoredMessage {
+        chat: id(r.get("chat_id")?)?,
+        id: id(r.get("message_id")?)?,
+        timestamp: r.get("timestamp")?,
+        json: r.get::<_, Option<String>>("body")?.unwrap_or_default(),
+        recipients: recipients
+            .iter()
+            .filter_map(|k| InboxKey::parse(k))
+            .collect(),
+        fanned_out: r.get::<_, i64>("fanned_out")? != 0,
+    })
+}
+
+fn delete_device_rows(c: &Connection, user: &str, device: &str) -> rusqlite::Result<()> {
+    let inbox = format!("{user}#{device}");
+    c.execute("DELETE FROM inbox WHERE inbox = ?1", [&inbox])?;
+    c.execute(
+        "DELETE FROM connections WHERE user_id = ?1 AND device_id = ?2",
+        [user, device],
+    )?;
+    c.execute(
+        "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
+        [user, device],
+    )?;
+    Ok(())
+}
+
+#[async_trait]
+impl ChatStore for SqliteStore {
+    async fn create_chat(&self, chat: &Chat) -> Result<()> {
+        let chat = chat.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO chats (chat_id, body, version) VALUES (?1, ?2, ?3)",
+                params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
+            )?;
+            let mut add = c.prepare_cached(
+                "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
+            )?;
+            for m in &chat.members {
+                add.execute([m.user.as_str(), chat.id.as_str()])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn chat(&self, chat_id: &ChatId) -> Result<Option<Chat>> {
+        let chat_id = chat_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT body, version FROM chats WHERE chat_id = ?1")?
+                .query_row([&chat_id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()?
+                .map(|(body, version)| chat_from_row(chat_id.clone(), body, version))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn update_chat(&self, chat: &Chat, expected_version: u64) -> Result<bool> {
+        let chat = chat.clone();
+        self.write(move |c| {
+            let old: Option<String> = c
+                .query_row(
+                    "SELECT body FROM chats WHERE chat_id = ?1 AND version = ?2",
+                    params![chat.id.as_str(), expected_version as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(old) = old else { return Ok(false) };
+            let old: ChatRow = from_json(&old)?;
+            c.execute(
+                "UPDATE chats SET body = ?2, version = ?3 WHERE chat_id = ?1",
+                params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
+            )?;
+            for m in old.members.iter().filter(|m| !chat.is_member(&m.user)) {
+                c.execute(
+                    "DELETE FROM participants WHERE user_id = ?1 AND chat_id = ?2",
+                    [m.user.as_str(), chat.id.as_str()],
+                )?;
+            }
+            for m in &chat.members {
+                c.execute(
+                    "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
+                    [m.user.as_str(), chat.id.as_str()],
+                )?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>> {
+        let user = user.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.chat_id, c.body, c.version FROM participants p JOIN chats c ON c.chat_id = p.chat_id
+                 WHERE p.user_id = ?1 ORDER BY c.chat_id",
+            )?;
+            let rows = stmt.query_map([&user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.map(|row| row.and_then(|(id, body, version)| chat_from_row(id, body, version))).collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DeviceStore for SqliteStore {
+    async fn connect(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection: &ConnectionId,
+        now: Millis,
+        max_devices: usize,
+        expired_before: Millis,
+    ) -> Result<Connected> {
+        let (user, device, connection) =
+            (user.to_string(), device.to_string(), connection.to_string());
+        self.write(move |c| {
+            let existing: Option<(Option<String>, Millis)> = c
+                .query_row(
+                    "SELECT connection_id, last_seen FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                    [&user, &device],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            // A device unseen for too long has expired: it comes back as a new one, inbox and all gone.
+            let existing = match existing {
+                Some((_, last_seen)) if last_seen < expired_before => {
+                    delete_device_rows(c, &user, &device)?;
+                    None
+                }
+                other => other,
+            };
+            let outcome = match existing {
+                Some((previous, _)) => {
+                    c.execute(
+                        "UPDATE devices SET connection_id = ?3, last_seen = ?4 WHERE user_id = ?1 AND device_id = ?2",
+                        params![user, device, connection, now],
+                    )?;
+                    let replaced = previous.filter(|p| p != &connection);
+                    if let Some(old) = &replaced {
+                        c.execute("DELETE FROM connections WHERE connection_id = ?1", [old])?;
+                    }
+                    Connected::Ok {
+                        new_device: false,
+                        first_device: false,
+                        replaced: replaced.map(id).transpose()?,
+                    }
+                }
+                None => {
+                    let live: i64 = c.query_row(
+                        "SELECT count(*) FROM devices WHERE user_id = ?1 AND last_seen >= ?2",
+                        params![user, expired_before],
+                        |r| r.get(0),
+                    )?;
+                    if live as usize >= max_devices {
+                        return Ok(Connected::DeviceLimit);
+                    }
+                    c.execute(
+                        "INSERT INTO devices (user_id, device_id, connection_id, last_seen) VALUES (?1, ?2, ?3, ?4)",
+                        params![user, device, connection, now],
+                    )?;
+                    Connected::Ok { new_device: true, first_device: live == 0, replaced: None }
+                }
+            };
+            c.execute(
+                "INSERT OR REPLACE INTO connections (connection_id, user_id, device_id) VALUES (?1, ?2, ?3)",
+                [&connection, &user, &device],
+            )?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn disconnect(&self, connection: &ConnectionId, now: Millis) -> Result<()> {
+        let connection = connection.to_string();
+        self.write(move |c| {
+            let owner: Option<(String, String)> = c
+                .query_row(
+                    "SELECT user_id, device_id FROM connections WHERE connection_id = ?1",
+                    [&connection],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((user, device)) = owner {
+                c.execute(
+                    "DELETE FROM connections WHERE connection_id = ?1",
+                    [&connection],
+                )?;
+                c.execute(
+                    "UPDATE devices SET connection_id = NULL, last_seen = ?4
+                     WHERE user_id = ?1 AND device_id = ?2 AND connection_id = ?3",
+                    params![user, device, connection, now],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn devices_of(&self, users: &[UserId], expired_before: Millis) -> Result<Vec<Device>> {
+        let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT device_id, connection_id, last_seen FROM devices WHERE user_id = ?1 AND last_seen >= ?2",
+            )?;
+            let mut devices = Vec::new();
+            for user in users {
+                let rows = stmt.query_map(params![user, expired_before], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Millis>(2)?))
+                })?;
+                for row in rows {
+                    let (device, connection, last_seen) = row?;
+                    devices.push(Device {
+                        user: id(user.clone())?,
+                        id: id(device)?,
+                        connection: connection.map(id).transpose()?,
+                        last_seen,
+                    });
+                }
+            }
+            Ok(devices)
+        })
+        .await
+    }
+
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>> {
+        let (user, device) = (user.clone(), device.clone());
+        self.write(move |c| {
+            let found: Option<(Option<String>, Millis)> = c
+                .query_row(
+                    "SELECT connection_id, last_seen FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                    [user.as_str(), device.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((connection, last_seen)) = found else { return Ok(None) };
+            delete_device_rows(c, user.as_str(), device.as_str())?;
+            Ok(Some(Device { user, id: device, connection: connection.map(id).transpose()?, last_seen }))
+        })
+        .await
+    }
+
+    async fn expire_devices(&self, before: Millis) -> Result<u64> {
+        self.write(move |c| {
+            let stale: Vec<(String, String)> = c
+                .prepare("SELECT user_id, device_id FROM devices WHERE last_seen < ?1 AND connection_id IS NULL")?
+                .query_map([before], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (user, device) in &stale {
+                delete_device_rows(c, user, device)?;
+            }
+            Ok(stale.len() as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl MessageStore for SqliteStore {
+    async fn store(
+        &self,
+        message: &StoredMessage,
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Store> {
+        let message = message.clone();
+        let dedupe = dedupe.map(dedupe_text);
+        self.write(move |c| {
+            if let Some(key) = &dedupe {
+                let first = c
+                    .prepare_cached("SELECT * FROM messages WHERE chat_id = ?1 AND dedupe = ?2")?
+                    .query_row([message.chat.as_str(), key], message_from_row)
+                    .optional()?;
+                if let Some(first) = first {
+                    return Ok(Store::Duplicate(first));
+                }
+            }
+            let recipients: Vec<String> = message.recipients.iter().map(InboxKey::key).collect();
+            c.prepare_cached(
+                "INSERT INTO messages (chat_id, message_id, timestamp, body, recipients, dedupe, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                message.chat.as_str(),
+                message.id.as_str(),
+                message.timestamp,
+                message.json,
+                json(&recipients),
+                dedupe,
+                expires_at
+            ])?;
+            let mut put = c.prepare_cached(
+                "INSERT OR IGNORE INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for key in &recipients {
+                put.execute(params![key, message.id.as_str(), message.json, expires_at])?;
+            }
+            Ok(Store::Stored)
+        })
+        .await
+    }
+
+    async fn message(
+        &self,
+        chat: &ChatId,
+        message_id: &MessageId,
+    ) -> Result<Option<StoredMessage>> {
+        let (chat, message_id) = (chat.to_string(), message_id.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT * FROM messages WHERE chat_id = ?1 AND message_id = ?2")?
+                .query_row([&chat, &message_id], message_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn mark_fanned_out(&self, chat: &ChatId, message_id: &MessageId) -> Result<()> {
+        let (chat, message_id) = (chat.to_string(), message_id.to_string());
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE messages SET fanned_out = 1, body = NULL, recipients = '[]' WHERE chat_id = ?1 AND message_id = ?2",
+            )?
+            .execute([&chat, &message_id])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT chat_id, message_id FROM messages WHERE fanned_out = 0 AND timestamp < ?1 ORDER BY timestamp LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.map(|row| row.and_then(|(chat, msg)| Ok((id(chat)?, id(msg)?)))).collect()
+        })
+        .await
+    }
+
+    async fn holders(
+        &self,
+        message_id: &MessageId,
+        keys: &[InboxKey],
+        now: Millis,
+    ) -> Result<Vec<InboxKey>> {
+        let (message_id, keys) = (message_id.to_string(), keys.to_vec());
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT 1 FROM inbox WHERE inbox = ?1 AND message_id = ?2 AND expires_at > ?3",
+            )?;
+            let mut held = Vec::new();
+            for key in keys {
+                if stmt.exists(params![key.key(), message_id, now])? {
+                    held.push(key);
+                }
+            }
+            Ok(held)
+        })
+        .await
+    }
+
+    async fn inbox_page(
+        &self,
+        inbox: &InboxKey,
+        after: Option<&MessageId>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<(MessageId, String)>> {
+        let (inbox, after) = (
+            inbox.key(),
+            after.map(|a| a.to_string()).unwrap_or_default(),
+        );
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id, body FROM inbox WHERE inbox = ?1 AND message_id > ?2 AND expires_at > ?3
+                 ORDER BY message_id LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![inbox, after, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.map(|row| row.and_then(|(msg, body): (String, String)| Ok((id(msg)?, body)))).collect()
+        })
+        .await
+    }
+
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64> {
+        let (inbox, ids) = (inbox.key(), ids.to_vec());
+        self.write(move |c| {
+            let mut delete =
+                c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2")?;
+            let mut acked = 0;
+            for message_id in &ids {
+                acked += delete.execute([&inbox, message_id.as_str()])? as u64;
+            }
+            Ok(acked)
+        })
+        .await
+    }
+
+    async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
+        let pending = InboxKey::Pending(user.clone()).key();
+        let target = InboxKey::Device(user.clone(), device.clone()).key();
+        self.write(move |c| {
+            let moved = c.execute(
+                "UPDATE OR IGNORE inbox SET inbox = ?2 WHERE inbox = ?1",
+                [&pending, &target],
+            )?;
+            c.execute("DELETE FROM inbox WHERE inbox = ?1", [&pending])?;
+            Ok(moved as u64)
+        })
+        .await
+    }
+
+    async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
+        self.write(move |c| {
+            let inbox = c.execute("DELETE FROM inbox WHERE expires_at <= ?1", [now])?;
+            let messages = c.execute("DELETE FROM messages WHERE expires_at <= ?1", [now])?;
+            Ok((inbox + messages) as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl AttachmentStore for SqliteStore {
+    async fn put_attachment(&self, a: &Attachment) -> Result<()> {
+        let a = a.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO attachments (attachment_id, uploader, content_type, size, sha256, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![a.id.as_str(), a.uploader.as_str(), a.content_type, a.size as i64, a.sha256, a.created_at],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn attachment(&self, attachment_id: &AttachmentId) -> Result<Option<Attachment>> {
+        let attachment_id = attachment_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT attachment_id, uploader, content_type, size, sha256, created_at FROM attachments WHERE attachment_id = ?1",
+            )?
+            .query_row([&attachment_id], |r| {
+                Ok(Attachment {
+                    id: id(r.get(0)?)?,
+                    uploader: id(r.get(1)?)?,
+                    content_type: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    sha256: r.get(4)?,
+                    created_at: r.get(5)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn link(&self, ids: &[AttachmentId], chat: &ChatId) -> Result<()> {
+        let (ids, chat) = (ids.to_vec(), chat.to_string());
+        self.write(move |c| {
+            let mut link = c.prepare_cached(
+                "INSERT OR IGNORE INTO attachment_chats (attachment_id, chat_id) VALUES (?1, ?2)",
+            )?;
+            for a in &ids {
+                link.execute([a.as_str(), &chat])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn chats_of_attachment(&self, attachment_id: &AttachmentId) -> Result<Vec<ChatId>> {
+        let attachment_id = attachment_id.to_string();
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT chat_id FROM attachment_chats WHERE attachment_id = ?1")?;
+            let rows = stmt.query_map([&attachment_id], |r| r.get::<_, String>(0))?;
+            rows.map(|row| row.and_then(id)).collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Jobs for SqliteStore {
+    async fn enqueue(&self, job: &Job, delay: Duration) -> Result<()> {
+        let body = json(job);
+        let run_at = self.now() + delay.as_millis() as Millis;
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO jobs (run_at, body) VALUES (?1, ?2)",
+                params![run_at, body],
+            )
+            .map(drop)
+        })
+        .await?;
+        self.inner.jobs_queued.notify_one();
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Chats: createChat, modifyChatParticipants and listChats, with their chatUpdate pushes.
+
+use std::collections::BTreeSet;
+
+use tracing::instrument;
+
+use super::Courier;
+use crate::domain::{Caller, Chat, Member};
+use crate::error::{Error, Result};
+use crate::ids::{ChatId, UserId};
+use crate::protocol::{
+    ChatCreated, ChatList, CreateChat, ModifyChatParticipants, Operation, Participants,
+};
+
+/// How often a participant change re-reads the chat after losing a race.
+const CONFLICT_RETRIES: usize = 8;
+
+impl Courier {
+    #[instrument(skip_all, fields(user = %caller.user))]
+    pub async fn create_chat(&self, caller: &Caller, cmd: CreateChat) -> Result<ChatCreated> {
+        let chars = cmd.name.chars().count();
+        if chars == 0 || chars > self.limits.max_chat_name_chars {
+            return Err(Error::BadRequest(format!(
+                "name must be 1 to {} characters",
+                self.limits.max_chat_name_chars
+            )));
+        }
+        let mut users: Vec<UserId> = Vec::with_capacity(cmd.participants.len() + 1);
+        if !cmd.participants.contains(&caller.user) {
+            users.push(caller.user.clone());
+        }
+        let mut seen = BTreeSet::new();
+        for u in cmd.participants {
+            if seen.insert(u.clone()) && !users.contains(&u) {
+                users.push(u);
+            }
+        }
+        if users.len() < 2 {
+            return Err(Error::BadRequest(
+                "a chat needs at least 2 participants, you included".into(),
+            ));
+        }
+        if users.len() > self.limits.max_participants {
+            return Err(Error::LimitExceeded(format!(
+                "a chat has at most {} participants",
+                self.limits.max_participants
+            )));
+        }
+        let now = self.now();
+        let chat = Chat {
+            id: self.ids.chat(now),
+            name: cmd.name,
+            members: users
+                .into_iter()
+                .map(|user| Member {
+                    user,
+                    joined_at: now,
+                })
+                .collect(),
+            admins: vec![caller.user.clone()],
+            created_at: now,
+            version: 0,
+        };
+        self.ports.chats.create_chat(&chat).await?;
+        self.announce(&chat, &[]).await;
+        Ok(ChatCreated { chat_id: chat.id })
+    }
+
+    #[instrument(skip_all, fields(user = %caller.user, chat = %cmd.chat_id, target = %cmd.user_id))]
+    pub async fn modify_chat_participants(
+        &self,
+        caller: &Caller,
+        cmd: ModifyChatParticipants,
+    ) -> Result<Participants> {
+        for _ in 0..CONFLICT_RETRIES {
+            let mut chat = self.member_chat(caller, &cmd.chat_id).await?;
+            let leaving = cmd.operation == Operation::Remove && cmd.user_id == caller.user;
+            if !leaving && !chat.is_admin(&caller.user) {
+                return Err(Error::Forbidden(
+                    "only an admin adds participants or removes others".into(),
+                ));
+            }
+            let before = chat.participants();
+            let expected = chat.version;
+            let changed = match cmd.operation {
+                Operation::Add => chat.add(cmd.user_id.clone(), self.now(), &self.limits)?,
+                Operation::Remove => chat.remove(&cmd.user_id),
+            };
+            if !changed {
+                return Ok(Participants {
+                    participants: before,
+                });
+            }
+            if self.ports.chats.update_chat(&chat, expected).await? {
+                self.announce(&chat, &before).await;
+                return Ok(Participants {
+                    participants: chat.participants(),
+                });
+            }
+        }
+        Err(Error::unavailable(
+            "the chat kept changing under this request",
+        ))
+    }
+
+    pub async fn list_chats(&self, caller: &Caller) -> Result<ChatList> {
+        let chats = self.ports.chats.chats_of(&caller.user).await?;
+        Ok(ChatList {
+            chats: chats.iter().map(Chat::summary).collect(),
+        })
+    }
+
+    /// The chat, if the caller is one of its participants.
+    pub(super) async fn member_chat(&self, caller: &Caller, id: &ChatId) -> Result<Chat> {
+        let chat = self.ports.chats.chat(id).await?;
+        let chat = chat.ok_or_else(|| Error::NotFound(format!("no chat {id}")))?;
+        if !chat.is_member(&caller.user) {
+            return Err(Error::Forbidden(format!(
+                "you are not a participant of chat {id}"
+            )));
+        }
+        Ok(chat)
+    }
+
+    /// Pushes a chatUpdate to the connected devices of the chat's current
+    /// participants and of `former` ones. The change is already stored, so a
+    /// failed push is logged, not returned: listChats tells the rest.
+    async fn announce(&self, chat: &Chat, former: &[UserId]) {
+        let mut users: BTreeSet<UserId> = chat.members.iter().map(|m| m.user.clone()).collect();
+        users.extend(former.iter().cloned());
+        let users: Vec<UserId> = users.into_iter().collect();
+        let frame = crate::protocol::chat_update_frame(&chat.update());
+        let result = async {
+            let devices = self.live_devices(&users, self.now()).await?;
+            self.push_all(devices.iter().filter_map(|d| d.connection.as_ref()), &frame)
+                .await
+        };
+        if let Err(e) = result.await {
+            tracing::warn!(chat = %chat.id, error = %e, "chatUpdate push failed");
+        }
+    }
+}

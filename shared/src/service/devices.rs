@@ -1,0 +1,77 @@
+//! Devices and connections: $connect, $disconnect and removeDevice.
+
+use tracing::instrument;
+
+use super::Courier;
+use crate::domain::Caller;
+use crate::error::{Error, Result};
+use crate::ids::{ConnectionId, DeviceId, UserId};
+use crate::ports::Connected;
+
+impl Courier {
+    /// Registers the device and binds the new connection to it. A user's
+    /// first device inherits what was sent to them while they had none; an
+    /// older connection of the same device is closed.
+    #[instrument(skip_all, fields(user = %user, device = %device, connection = %connection))]
+    pub async fn connect(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection: &ConnectionId,
+    ) -> Result<()> {
+        let now = self.now();
+        let outcome = self
+            .ports
+            .devices
+            .connect(
+                user,
+                device,
+                connection,
+                now,
+                self.limits.max_devices,
+                self.expired_before(now),
+            )
+            .await?;
+        match outcome {
+            Connected::DeviceLimit => Err(Error::LimitExceeded(format!(
+                "a user has at most {} devices; remove one with removeDevice",
+                self.limits.max_devices
+            ))),
+            Connected::Ok {
+                first_device,
+                replaced,
+                ..
+            } => {
+                if first_device {
+                    let claimed = self.ports.messages.claim_pending(user, device).await?;
+                    tracing::debug!(claimed, "first device claimed pending messages");
+                }
+                if let Some(old) = replaced
+                    && let Err(e) = self.ports.push.close(&old).await
+                {
+                    tracing::warn!(error = %e, "closing the replaced connection failed");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn disconnect(&self, connection: &ConnectionId) -> Result<()> {
+        self.ports.devices.disconnect(connection, self.now()).await
+    }
+
+    #[instrument(skip_all, fields(user = %caller.user, device = %device))]
+    pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<()> {
+        let removed = self
+            .ports
+            .devices
+            .remove_device(&caller.user, device)
+            .await?;
+        let removed =
+            removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;
+        if let Some(connection) = removed.connection {
+            self.ports.push.close(&connection).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! Messages: sendMessage and its fan-out, the delivery jobs, sync and ack.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use tracing::instrument;
+
+use super::Courier;
+use crate::domain::{Caller, Device, InboxKey};
+use crate::error::{Error, Result};
+use crate::ids::{ChatId, MessageId, UserId};
+use crate::ports::{DedupeKey, Job, PushTarget, Store, StoredMessage};
+use crate::protocol::{Ack, Acked, Message, MessageSent, SendMessage, Sync, SyncPage};
+
+/// Connections per delivery job; small enough that one job's retry repeats little.
+const TARGETS_PER_JOB: usize = 50;
+
+impl Courier {
+    /// Stores the message for every recipient device, answers, then pushes.
+    /// The answer comes only after the store has committed; the pushes are a
+    /// fast path that the feed (Streams when deployed) backs up.
+    #[instrument(skip_all, fields(user = %caller.user, device = %caller.device, chat = %cmd.chat_id))]
+    pub async fn send_message(&self, caller: &Caller, cmd: SendMessage) -> Result<MessageSent> {
+        if cmd.message.len() > self.limits.max_message_bytes {
+            return Err(Error::LimitExceeded(format!(
+                "a message is at most {} bytes of UTF-8",
+                self.limits.max_message_bytes
+            )));
+        }
+        if cmd.attachments.len() > self.limits.max_attachments {
+            return Err(Error::LimitExceeded(format!(
+                "a message carries at most {} attachments",
+                self.limits.max_attachments
+            )));
+        }
+        let dedupe = match cmd.client_message_id {
+            Some(id) if id.is_empty() || id.chars().count() > 64 => {
+                return Err(Error::BadRequest(
+                    "clientMessageId must be 1 to 64 characters".into(),
+                ));
+            }
+            Some(id) => Some(DedupeKey {
+                user: caller.user.clone(),
+                device: caller.device.clone(),
+                client_message_id: id,
+            }),
+            None => None,
+        };
+        let chat = self.member_chat(caller, &cmd.chat_id).await?;
+        self.check_attachments(caller, &cmd.attachments).await?;
+
+        let now = self.now();
+        let participants = chat.participants();
+        let devices = self.live_devices(&participants, now).await?;
+        let recipients = recipients(caller, &participants, &devices);
+        let message = Message {
+            message_id: self.ids.message(now),
+            chat_id: chat.id.clone(),
+            user_id: caller.user.clone(),
+            device_id: caller.device.clone(),
+            message: cmd.message,
+            attachments: cmd.attachments,
+            timestamp: now,
+        };
+        let stored = StoredMessage {
+            chat: chat.id.clone(),
+            id: message.message_id.clone(),
+            timestamp: now,
+            json: serde_json::to_string(&message).map_err(Error::internal)?,
+            recipients,
+            fanned_out: false,
+        };
+        let expires_at = now + self.limits.retention_ms;
+        let outcome = self
+            .ports
+            .messages
+            .store(&stored, dedupe.as_ref(), expires_at)
+            .await?;
+        if !message.attachments.is_empty() {
+            self.ports
+                .attachments
+                .link(&message.attachments, &chat.id)
+                .await?;
+        }
+        match outcome {
+            Store::Stored => {
+                let targets = push_targets(&stored.recipients, &devices);
+                self.fan_out(&stored, targets).await;
+                Ok(MessageSent {
+                    message_id: stored.id,
+                    timestamp: now,
+                })
+            }
+            // A retry: the first attempt's fan-out (or the feed) covers delivery.
+            Store::Duplicate(first) => Ok(MessageSent {
+                message_id: first.id,
+                timestamp: first.timestamp,
+            }),
+        }
+    }
+
+    /// Pushes to the recipients' live connections, inline for small fan-outs
+    /// and through delivery jobs for large ones, then marks the message done.
+    /// Failures leave the mark unset, so the feed finishes the work later.
+    async fn fan_out(&self, message: &StoredMessage, targets: Vec<PushTarget>) {
+        let result = async {
+            if targets.len() > self.limits.inline_push_limit {
+                for chunk in targets.chunks(TARGETS_PER_JOB) {
+                    let job = Job::Deliver {
+                        chat_id: message.chat.clone(),
+                        message_id: message.id.clone(),
+                        targets: chunk.to_vec(),
+                    };
+                    self.ports.jobs.enqueue(&job, Duration::ZERO).await?;
+                }
+            } else if let Err(e) = self.push_message(message, &targets).await {
+                if !e.is_retryable() {
+                    return Err(e);
+                }
+                let job = Job::Deliver {
+                    chat_id: message.chat.clone(),
+                    message_id: message.id.clone(),
+                    targets,
+                };
+                self.ports.jobs.enqueue(&job, Duration::ZERO).await?;
+            }
+            self.ports
+                .messages
+                .mark_fanned_out(&message.chat, &message.id)
+                .await
+        };
+        if let Err(e) = result.await {
+            tracing::warn!(message = %message.id, error = %e, "fan-out left to the feed");
+        }
+    }
+
+    async fn push_message(&self, message: &StoredMessage, targets: &[PushTarget]) -> Result<()> {
+        let frame = crate::protocol::new_message_frame(&message.json);
+        self.push_all(targets.iter().map(|t| &t.connection_id), &frame)
+            .await
+    }
+
+    /// The safety net (fanout on the change feed, or a delayed job): finish a
+    /// fan-out whose mark is missing. Pushes only to inboxes still holding
+    /// the message, so nothing acked is pushed again.
+    #[instrument(skip_all, fields(chat = %chat, message = %id))]
+    pub async fn finish_fanout(&self, chat: &ChatId, id: &MessageId) -> Result<()> {
+        let Some(message) = self.ports.messages.message(chat, id).await? else {
+            return Ok(());
+        };
+        if message.fanned_out {
+            return Ok(());
+        }
+        let now = self.now();
+        let holders = self
+            .ports
+            .messages
+            .holders(id, &message.recipients, now)
+            .await?;
+        let users: Vec<UserId> = holders
+            .iter()
+            .map(|k| match k {
+                InboxKey::Device(u, _) | InboxKey::Pending(u) => u.clone(),
+            })
+            .collect();
+        let devices = self.live_devices(&users, now).await?;
+        let targets = push_targets(&holders, &devices);
+        self.push_message(&message, &targets).await?;
+        self.ports.messages.mark_fanned_out(chat, id).await
+    }
+
+    /// Runs one queued job. An `Err` that is retryable asks the queue to try again.
+    pub async fn run_job(&self, job: &Job) -> Result<()> {
+        match job {
+            Job::Deliver {
+                chat_id,
+                message_id,
+                targets,
+            } => {
+                let Some(message) = self.ports.messages.message(chat_id, message_id).await? else {
+                    return Ok(());
+                };
+                let holders: BTreeSet<InboxKey> = self
+                    .ports
+                    .messages
+                    .holders(message_id, &message.recipients, self.now())
+                    .await?
+                    .into_iter()
+                    .collect();
+                let live: Vec<PushTarget> = targets
+                    .iter()
+                    .filter(|t| {
+                        holders.contains(&InboxKey::Device(t.user_id.clone(), t.device_id.clone()))
+                    })
+                    .cloned()
+                    .collect();
+                self.push_message(&message, &live).await
+            }
+            Job::FinishFanout {
+                chat_id,
+                message_id,
+            } => self.finish_fanout(chat_id, message_id).await,
+        }
+    }
+
+    #[instrument(skip_all, fields(user = %caller.user, device = %caller.device))]
+    pub async fn sync(&self, caller: &Caller, cmd: Sync) -> Result<SyncPage> {
+        let limit = match cmd.limit {
+            None => self.limits.default_sync_limit,
+            Some(0) => return Err(Error::BadRequest("limit must be at least 1".into())),
+            Some(n) if n > self.limits.max_sync_limit => {
+                return Err(Error::LimitExceeded(format!(
+                    "limit is at most {}",
+                    self.limits.max_sync_limit
+                )));
+            }
+            Some(n) => n,
+        } as usize;
+        let after = match cmd.cursor {
+            None => None,
+            Some(c) => Some(
+                MessageId::try_from(c)
+                    .map_err(|_| Error::BadRequest("cursor is not one sync gave".into()))?,
+            ),
+        };
+        let rows = self
+            .ports
+            .messages
+            .inbox_page(&caller.inbox(), after.as_ref(), limit + 1, self.now())
+            .await?;
+        let mut messages = Vec::with_capacity(rows.len().min(limit));
+        let mut bytes = 0;
+        let mut last = None;
+        for (id, json) in &rows {
+            if messages.len() == limit
+                || (bytes + json.len() + 1 > self.limits.max_sync_bytes && !messages.is_empty())
+            {
+                break;
+            }
+            bytes += json.len() + 1;
+            messages.push(
+                serde_json::value::RawValue::from_string(json.clone()).map_err(Error::internal)?,
+            );
+            last = Some(id);
+        }
+        let cursor = if messages.len() < rows.len() {
+            last.map(|id| id.to_string())
+        } else {
+            None
+        };
+        Ok(SyncPage { messages, cursor })
+    }
+
+    pub async fn ack(&self, caller: &Caller, cmd: Ack) -> Result<Acked> {
+        let ids: Vec<MessageId> = match (cmd.message_ids, cmd.message_id) {
+            (Some(ids), None) => ids,
+            (None, Some(id)) => vec![id],
+            (Some(_), Some(_)) => {
+                return Err(Error::BadRequest(
+                    "give messageIds or messageId, not both".into(),
+                ));
+            }
+            (None, None) => return Err(Error::BadRequest("messageIds is required".into())),
+        };
+        if ids.is_empty() {
+            return Err(Error::BadRequest(
+                "messageIds must name at least one message".into(),
+            ));
+        }
+        if ids.len() > self.limits.max_ack_ids {
+            return Err(Error::LimitExceeded(format!(
+                "an ack names at most {} messages",
+                self.limits.max_ack_ids
+            )));
+        }
+        let acked = self.ports.messages.ack(&caller.inbox(), &ids).await?;
+        Ok(Acked { acked })
+    }
+}
+
+/// Every device of every participant but the sending one; a participant with
+/// no device yet gets a pending row that their first device claims.
+fn recipients(caller: &Caller, participants: &[UserId], devices: &[Device]) -> Vec<InboxKey> {
+    let mut by_user: HashMap<&UserId, Vec<&Device>> = HashMap::new();
+    for d in devices {
+        by_user.entry(&d.user).or_default().push(d);
+    }
+    let mut keys = Vec::with_capacity(devices.len() + participants.len());
+    for user in participants {
+        match by_user.get(user) {
+            Some(ds) => keys.extend(
+                ds.iter()
+                    .filter(|d| !(d.user == caller.user && d.id == caller.device))
+                    .map(|d| d.inbox()),
+            ),
+            None => keys.push(InboxKey::Pending(user.clone())),
+        }
+    }
+    keys
+}
+
+/// The live connections of these inboxes' devices.
+fn push_targets(inboxes: &[InboxKey], devices: &[Device]) -> Vec<PushTarget> {
+    let wanted: BTreeSet<&InboxKey> = inboxes.iter().collect();
+    devices
+        .iter()
+        .filter_map(|d| {
+            let connection = d.connection.clone()?;
+            wanted.contains(&d.inbox()).then(|| PushTarget {
+                user_id: d.user.clone(),
+                device_id: d.id.clone(),
+                connection_id: connection,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,1 @@
+//! Service unit tests over the embedded adapters.
