@@ -11,6 +11,8 @@ pub const DEV_SECRET: &str = "courier-dev-secret";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
+    /// Defaulted so that a missing `sub` is reported as such, not as a malformed token.
+    #[serde(default)]
     sub: String,
     exp: u64,
 }
@@ -24,9 +26,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
-            .finish()
+        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish()
     }
 }
 
@@ -57,20 +57,19 @@ impl Verifier {
 
     /// The user a token speaks for, or `Unauthorized` saying why not.
     pub fn verify(&self, token: &str) -> Result<UserId> {
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                let why = match e.kind() {
-                    K::ExpiredSignature => "token expired",
-                    K::InvalidSignature => "bad token signature",
-                    K::InvalidAlgorithm | K::InvalidAlgorithmName => "token algorithm not accepted",
-                    K::MissingRequiredClaim(_) => "token lacks a required claim",
-                    K::InvalidIssuer => "token issuer not accepted",
-                    K::InvalidAudience => "token audience not accepted",
-                    _ => "malformed token",
-                };
-                Error::Unauthorized(why.into())
-            })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            let why = match e.kind() {
+                K::ExpiredSignature => "token expired",
+                K::InvalidSignature => "bad token signature",
+                K::InvalidAlgorithm | K::InvalidAlgorithmName => "token algorithm not accepted",
+                K::MissingRequiredClaim(_) => "token lacks a required claim",
+                K::InvalidIssuer => "token issuer not accepted",
+                K::InvalidAudience => "token audience not accepted",
+                _ => "malformed token",
+            };
+            Error::Unauthorized(why.into())
+        })?;
         UserId::try_from(data.claims.sub)
             .map_err(|_| Error::Unauthorized("token sub is not a valid userId".into()))
     }
@@ -79,13 +78,9 @@ impl Verifier {
 /// Mints an HS256 token for `user`, valid for `ttl_secs`: for development and tests.
 pub fn mint(secret: &[u8], user: &str, ttl_secs: i64) -> String {
     let now = jsonwebtoken::get_current_timestamp() as i64;
-    let claims = Claims {
-        sub: user.to_owned(),
-        exp: (now + ttl_secs).max(0) as u64,
-    };
+    let claims = Claims { sub: user.to_owned(), exp: (now + ttl_secs).max(0) as u64 };
     let key = EncodingKey::from_secret(secret).expect("an HS256 key takes any bytes");
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)
-        .expect("HS256 signing cannot fail")
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).expect("HS256 signing cannot fail")
 }
 
 #[cfg(test)]
@@ -106,10 +101,7 @@ mod tests {
 
     #[test]
     fn a_fresh_token_names_its_user() {
-        let user = Verifier::hs256(SECRET)
-            .unwrap()
-            .verify(&mint(SECRET, "alice", 60))
-            .unwrap();
+        let user = Verifier::hs256(SECRET).unwrap().verify(&mint(SECRET, "alice", 60)).unwrap();
         assert_eq!(user.as_str(), "alice");
     }
 
@@ -122,10 +114,7 @@ mod tests {
         assert!(Verifier::hs256(SECRET).unwrap().verify(&none).is_err());
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims {
-                sub: "alice".into(),
-                exp: 9_999_999_999,
-            },
+            &Claims { sub: "alice".into(), exp: 9_999_999_999 },
             &EncodingKey::from_secret(SECRET).unwrap(),
         )
         .unwrap();
@@ -146,9 +135,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(refusal(&t), "token lacks a required claim");
-        assert_eq!(
-            refusal(&mint(SECRET, "bad user", 60)),
-            "token sub is not a valid userId"
-        );
+        assert_eq!(refusal(&mint(SECRET, "bad user", 60)), "token sub is not a valid userId");
     }
 }

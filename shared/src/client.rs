@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
 use crate::protocol::{
-    Acked, AttachmentCreated, AttachmentLink, ChatCreated, ChatList, ErrorBody, Message,
-    MessageSent, Participants, ServerFrame, Status,
+    Acked, AttachmentCreated, AttachmentLink, ChatCreated, ChatList, ErrorBody, Message, MessageSent,
+    Participants, ServerFrame, Status,
 };
 
 /// Why a connect failed.
@@ -46,10 +46,7 @@ pub enum CallError {
 
 impl ErrorBody {
     fn code_str(&self) -> String {
-        serde_json::to_value(self.code)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default()
+        serde_json::to_value(self.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     }
 }
 
@@ -85,12 +82,7 @@ pub struct Page {
 impl Client {
     /// Connects to `url` (such as `ws://127.0.0.1:3001`) as `device`, with `token`.
     pub async fn connect(url: &str, token: &str, device: &str) -> Result<Client, ConnectError> {
-        let url = format!(
-            "{}/?token={}&deviceId={}",
-            url.trim_end_matches('/'),
-            token,
-            device
-        );
+        let url = format!("{}/?token={}&deviceId={}", url.trim_end_matches('/'), token, device);
         let (socket, _) = match tokio_tungstenite::connect_async(url).await {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(response)) => {
@@ -127,11 +119,9 @@ impl Client {
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else {
                     continue;
                 };
-                let request_id = (frame["type"] == "response")
-                    .then(|| frame["requestId"].as_str())
-                    .flatten();
-                let waiter = request_id
-                    .and_then(|id| waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(id));
+                let request_id = (frame["type"] == "response").then(|| frame["requestId"].as_str()).flatten();
+                let waiter =
+                    request_id.and_then(|id| waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(id));
                 match waiter {
                     Some(waiter) => {
                         let _ = waiter.send(frame);
@@ -170,76 +160,54 @@ impl Client {
         frame.insert("action".into(), json!(action));
         frame.insert("requestId".into(), json!(request_id));
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(request_id.clone(), tx);
-        if self
-            .out
-            .send(WsMessage::Text(Value::Object(frame).to_string().into()))
-            .is_err()
-        {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(request_id.clone(), tx);
+        if self.out.send(WsMessage::Text(Value::Object(frame).to_string().into())).is_err() {
             return Err(CallError::Closed);
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(frame)) => Ok(frame),
             Ok(Err(_)) => Err(CallError::Closed),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&request_id);
+                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&request_id);
                 Err(CallError::Timeout(self.timeout))
             }
         }
     }
 
     /// Sends a command and decodes its `data`, or returns its FAILURE.
-    pub async fn call<T: DeserializeOwned>(
-        &self,
-        action: &str,
-        fields: Value,
-    ) -> Result<T, CallError> {
+    pub async fn call<T: DeserializeOwned>(&self, action: &str, fields: Value) -> Result<T, CallError> {
         let frame = self.request(action, fields).await?;
-        let decoded: ServerFrame<Value> = serde_json::from_value(frame.clone())
-            .map_err(|e| CallError::Decode(format!("{e}: {frame}")))?;
+        let decoded: ServerFrame<Value> =
+            serde_json::from_value(frame.clone()).map_err(|e| CallError::Decode(format!("{e}: {frame}")))?;
         match decoded {
             ServerFrame::Response(r) if r.status == Status::Success => {
                 serde_json::from_value(r.data.unwrap_or(Value::Null))
                     .map_err(|e| CallError::Decode(e.to_string()))
             }
-            ServerFrame::Response(r) => {
-                Err(CallError::Failure(r.error.ok_or_else(|| {
-                    CallError::Decode(format!("FAILURE without error: {frame}"))
-                })?))
-            }
+            ServerFrame::Response(r) => Err(CallError::Failure(
+                r.error.ok_or_else(|| CallError::Decode(format!("FAILURE without error: {frame}")))?,
+            )),
             _ => Err(CallError::Decode(frame.to_string())),
         }
     }
 
     /// Sends raw text as one frame, for frames no well-behaved client sends.
     pub fn send_raw(&self, text: impl Into<String>) -> Result<(), CallError> {
-        self.out
-            .send(WsMessage::Text(text.into().into()))
-            .map_err(|_| CallError::Closed)
+        self.out.send(WsMessage::Text(text.into().into())).map_err(|_| CallError::Closed)
     }
 
     /// The next frame that answered no pending request: a push, or the
     /// answer to a raw frame. `None` after `wait` or once closed.
     pub async fn next_frame(&mut self, wait: Duration) -> Option<Value> {
-        tokio::time::timeout(wait, self.frames.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout(wait, self.frames.recv()).await.ok().flatten()
     }
 
     /// The next `newMessage` push, skipping other frames.
     pub async fn next_message(&mut self, wait: Duration) -> Option<Message> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let frame = self
-                .next_frame(deadline.saturating_duration_since(tokio::time::Instant::now()))
-                .await?;
+            let frame =
+                self.next_frame(deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
             if frame["type"] == "newMessage" {
                 return serde_json::from_value(frame).ok();
             }
@@ -249,10 +217,7 @@ impl Client {
     /// Waits for the server to close the connection; its close code.
     pub async fn closed(&mut self, wait: Duration) -> Option<u16> {
         let mut closed = self.closed.clone();
-        let code = tokio::time::timeout(wait, closed.wait_for(Option::is_some))
-            .await
-            .ok()?
-            .ok()?;
+        let code = tokio::time::timeout(wait, closed.wait_for(Option::is_some)).await.ok()?.ok()?;
         *code
     }
 
@@ -262,23 +227,14 @@ impl Client {
 
     // ---- typed commands ----
 
-    pub async fn create_chat(
-        &self,
-        participants: &[&str],
-        name: &str,
-    ) -> Result<String, CallError> {
-        let created: ChatCreated = self
-            .call(
-                "createChat",
-                json!({ "participants": participants, "name": name }),
-            )
-            .await?;
+    pub async fn create_chat(&self, participants: &[&str], name: &str) -> Result<String, CallError> {
+        let created: ChatCreated =
+            self.call("createChat", json!({ "participants": participants, "name": name })).await?;
         Ok(created.chat_id.to_string())
     }
 
     pub async fn send_message(&self, chat_id: &str, text: &str) -> Result<MessageSent, CallError> {
-        self.call("sendMessage", json!({ "chatId": chat_id, "message": text }))
-            .await
+        self.call("sendMessage", json!({ "chatId": chat_id, "message": text })).await
     }
 
     pub async fn send_message_with(&self, fields: Value) -> Result<MessageSent, CallError> {
@@ -311,9 +267,7 @@ impl Client {
     }
 
     pub async fn ack(&self, message_ids: &[&str]) -> Result<u64, CallError> {
-        let acked: Acked = self
-            .call("ack", json!({ "messageIds": message_ids }))
-            .await?;
+        let acked: Acked = self.call("ack", json!({ "messageIds": message_ids })).await?;
         Ok(acked.acked)
     }
 
@@ -342,22 +296,16 @@ impl Client {
         size: u64,
         sha256: &str,
     ) -> Result<AttachmentCreated, CallError> {
-        self.call(
-            "createAttachment",
-            json!({ "contentType": content_type, "size": size, "sha256": sha256 }),
-        )
-        .await
-    }
-
-    pub async fn get_attachment(&self, attachment_id: &str) -> Result<AttachmentLink, CallError> {
-        self.call("getAttachment", json!({ "attachmentId": attachment_id }))
+        self.call("createAttachment", json!({ "contentType": content_type, "size": size, "sha256": sha256 }))
             .await
     }
 
+    pub async fn get_attachment(&self, attachment_id: &str) -> Result<AttachmentLink, CallError> {
+        self.call("getAttachment", json!({ "attachmentId": attachment_id })).await
+    }
+
     pub async fn remove_device(&self, device_id: &str) -> Result<(), CallError> {
-        let _: Value = self
-            .call("removeDevice", json!({ "deviceId": device_id }))
-            .await?;
+        let _: Value = self.call("removeDevice", json!({ "deviceId": device_id })).await?;
         Ok(())
     }
 }

@@ -97,10 +97,7 @@ impl Chat {
                 limits.max_participants
             )));
         }
-        self.members.push(Member {
-            user,
-            joined_at: now,
-        });
+        self.members.push(Member { user, joined_at: now });
         self.version += 1;
         Ok(true)
     }
@@ -134,12 +131,7 @@ impl Chat {
 
     pub fn update(&self) -> ChatUpdate {
         let s = self.summary();
-        ChatUpdate {
-            chat_id: s.chat_id,
-            name: s.name,
-            participants: s.participants,
-            admins: s.admins,
-        }
+        ChatUpdate { chat_id: s.chat_id, name: s.name, participants: s.participants, admins: s.admins }
     }
 }
 
@@ -212,13 +204,7 @@ mod tests {
         Chat {
             id: ChatId::try_from("c").unwrap(),
             name: "n".into(),
-            members: users
-                .iter()
-                .map(|u| Member {
-                    user: user(u),
-                    joined_at: 1,
-                })
-                .collect(),
+            members: users.iter().map(|u| Member { user: user(u), joined_at: 1 }).collect(),
             admins: vec![user(users[0])],
             created_at: 1,
             version: 0,
@@ -230,10 +216,7 @@ mod tests {
         let mut c = chat(&["a", "b", "c"]);
         assert!(c.remove(&user("a")));
         assert_eq!(c.admins, vec![user("b")]);
-        assert!(
-            !c.remove(&user("a")),
-            "removing a non-member changes nothing"
-        );
+        assert!(!c.remove(&user("a")), "removing a non-member changes nothing");
         assert!(c.remove(&user("b")));
         assert!(c.remove(&user("c")));
         assert!(c.admins.is_empty() && c.members.is_empty());
@@ -241,10 +224,7 @@ mod tests {
 
     #[test]
     fn adding_past_the_limit_names_the_limit() {
-        let limits = Limits {
-            max_participants: 2,
-            ..Limits::default()
-        };
+        let limits = Limits { max_participants: 2, ..Limits::default() };
         let mut c = chat(&["a", "b"]);
         assert!(!c.add(user("a"), 2, &limits).unwrap());
         let err = c.add(user("x"), 2, &limits).unwrap_err();
@@ -253,10 +233,9 @@ mod tests {
 
     #[test]
     fn inbox_keys_round_trip() {
-        for k in [
-            InboxKey::Device(user("u.1"), DeviceId::try_from("d-1").unwrap()),
-            InboxKey::Pending(user("u")),
-        ] {
+        for k in
+            [InboxKey::Device(user("u.1"), DeviceId::try_from("d-1").unwrap()), InboxKey::Pending(user("u"))]
+        {
             assert_eq!(InboxKey::parse(&k.key()), Some(k));
         }
     }

@@ -60,9 +60,7 @@ fn truncate(s: &str) -> &str {
 }
 
 fn charset(s: &str, extra: &[u8]) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
 /// Server-made ids are ULIDs; a client may quote any short string back, and an
@@ -107,10 +105,7 @@ impl IdGen {
         let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now_ms.max(0) as u64);
         let mut generator = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // Overflow needs 2^80 ids in one millisecond; fall back to a fresh random one.
-        generator
-            .generate_from_datetime(time)
-            .unwrap_or_else(|_| ulid::Ulid::from_datetime(time))
-            .to_string()
+        generator.generate_from_datetime(time).unwrap_or_else(|_| ulid::Ulid::from_datetime(time)).to_string()
     }
 
     pub fn chat(&self, now_ms: i64) -> ChatId {

@@ -26,5 +26,9 @@ pub mod service;
 #[cfg(feature = "client")]
 pub mod client;
 
+/// The table ports' contract suite, for adapters' tests.
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
+
 pub use error::{Error, Result};
 pub use service::{Courier, Ports};

@@ -29,11 +29,7 @@ pub trait ChatStore: Send + Sync {
 pub enum Connected {
     /// The device is registered and now bound to the new connection.
     /// `replaced` is its previous live connection, to be closed.
-    Ok {
-        new_device: bool,
-        first_device: bool,
-        replaced: Option<ConnectionId>,
-    },
+    Ok { new_device: bool, first_device: bool, replaced: Option<ConnectionId> },
     /// The user already has `max_devices` other devices.
     DeviceLimit,
 }
@@ -107,12 +103,7 @@ pub trait MessageStore: Send + Sync {
     /// Messages stored before `before` whose fan-out was never marked done.
     async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>>;
     /// Of `keys`, the inboxes that still hold `id` (not acked, not expired).
-    async fn holders(
-        &self,
-        id: &MessageId,
-        keys: &[InboxKey],
-        now: Millis,
-    ) -> Result<Vec<InboxKey>>;
+    async fn holders(&self, id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>>;
     /// The next page of an inbox after `after` (exclusive), oldest first,
     /// skipping expired rows. Each item is (messageId, wire JSON).
     async fn inbox_page(
@@ -161,16 +152,8 @@ pub struct Presigned {
 
 #[async_trait]
 pub trait Blobs: Send + Sync {
-    async fn presign_upload(
-        &self,
-        attachment: &Attachment,
-        expires_at: Millis,
-    ) -> Result<Presigned>;
-    async fn presign_download(
-        &self,
-        attachment: &Attachment,
-        expires_at: Millis,
-    ) -> Result<Presigned>;
+    async fn presign_upload(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned>;
+    async fn presign_download(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned>;
     /// Whether the upload completed (with the declared size and hash).
     async fn uploaded(&self, attachment: &Attachment) -> Result<bool>;
 }
@@ -194,19 +177,13 @@ pub trait Push: Send + Sync {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "job", rename_all = "camelCase")]
 pub enum Job {
-    /// Push a stored message to these live connections of its recipients.
+    /// Push a stored message (its wire JSON, carried along because the
+    /// message row drops its body once fan-out is handed off) to these connections.
     #[serde(rename_all = "camelCase")]
-    Deliver {
-        chat_id: ChatId,
-        message_id: MessageId,
-        targets: Vec<PushTarget>,
-    },
+    Deliver { message_id: MessageId, message: String, targets: Vec<PushTarget> },
     /// Finish a fan-out if the send path did not mark it done.
     #[serde(rename_all = "camelCase")]
-    FinishFanout {
-        chat_id: ChatId,
-        message_id: MessageId,
-    },
+    FinishFanout { chat_id: ChatId, message_id: MessageId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

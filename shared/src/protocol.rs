@@ -286,12 +286,7 @@ pub fn success<D: Serialize>(action: &str, request_id: Option<String>, data: &D)
 }
 
 /// Encodes a FAILURE frame.
-pub fn failure(
-    action: &str,
-    request_id: Option<String>,
-    code: ErrorCode,
-    message: String,
-) -> String {
+pub fn failure(action: &str, request_id: Option<String>, code: ErrorCode, message: String) -> String {
     serde_json::to_string(&ServerFrame::<()>::Response(Response {
         action: action.to_owned(),
         request_id,
@@ -309,8 +304,7 @@ pub fn new_message_frame(message_json: &str) -> String {
 }
 
 pub fn chat_update_frame(update: &ChatUpdate) -> String {
-    serde_json::to_string(&ServerFrame::<()>::ChatUpdate(update.clone()))
-        .expect("chat update serializes")
+    serde_json::to_string(&ServerFrame::<()>::ChatUpdate(update.clone())).expect("chat update serializes")
 }
 
 #[cfg(test)]
@@ -322,9 +316,7 @@ mod tests {
         let ok = success(
             "createChat",
             Some("r1".into()),
-            &ChatCreated {
-                chat_id: ChatId::try_from("C1").unwrap(),
-            },
+            &ChatCreated { chat_id: ChatId::try_from("C1").unwrap() },
         );
         assert_eq!(
             ok,

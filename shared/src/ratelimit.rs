@@ -15,10 +15,7 @@ pub struct RateLimit {
 
 impl Default for RateLimit {
     fn default() -> Self {
-        Self {
-            capacity: 50.0,
-            per_second: 20.0,
-        }
+        Self { capacity: 50.0, per_second: 20.0 }
     }
 }
 
@@ -31,11 +28,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(limit: RateLimit) -> Self {
-        Self {
-            limit,
-            tokens: limit.capacity,
-            updated: Instant::now(),
-        }
+        Self { limit, tokens: limit.capacity, updated: Instant::now() }
     }
 
     /// Takes one token if there is one.
@@ -64,10 +57,7 @@ mod tests {
 
     #[test]
     fn a_burst_past_capacity_is_refused_until_the_bucket_refills() {
-        let mut bucket = TokenBucket::new(RateLimit {
-            capacity: 3.0,
-            per_second: 2.0,
-        });
+        let mut bucket = TokenBucket::new(RateLimit { capacity: 3.0, per_second: 2.0 });
         let start = bucket.updated;
         assert!((0..3).all(|_| bucket.take_at(start)));
         assert!(!bucket.take_at(start));

@@ -30,10 +30,7 @@ pub struct FileBlobs {
 
 impl std::fmt::Debug for FileBlobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileBlobs")
-            .field("dir", &self.dir)
-            .field("base_url", &self.base_url)
-            .finish()
+        f.debug_struct("FileBlobs").field("dir", &self.dir).field("base_url", &self.base_url).finish()
     }
 }
 
@@ -64,11 +61,7 @@ impl FileBlobs {
                 key.to_vec()
             }
         };
-        Ok(Self {
-            dir: dir.to_owned(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            key,
-        })
+        Ok(Self { dir: dir.to_owned(), base_url: base_url.trim_end_matches('/').to_owned(), key })
     }
 
     fn path(&self, attachment: &Attachment) -> PathBuf {
@@ -83,10 +76,7 @@ impl FileBlobs {
 
     fn url(&self, method: &str, attachment: &Attachment, expires_at: Millis) -> String {
         let sig = self.signature(method, attachment.id.as_str(), expires_at);
-        format!(
-            "{}/blobs/{}?expires={expires_at}&sig={sig}",
-            self.base_url, attachment.id
-        )
+        format!("{}/blobs/{}?expires={expires_at}&sig={sig}", self.base_url, attachment.id)
     }
 
     /// Checks a URL's signature and expiry for `method` ("PUT" or "GET").
@@ -131,13 +121,8 @@ impl FileBlobs {
                 attachment.size
             )));
         }
-        let temp =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{}", attachment.id, rand::random::<u64>()));
-        let file = tokio::fs::File::create(&temp)
-            .await
-            .map_err(|_| UploadError::Internal)?;
+        let temp = self.dir.join("tmp").join(format!("{}.{}", attachment.id, rand::random::<u64>()));
+        let file = tokio::fs::File::create(&temp).await.map_err(|_| UploadError::Internal)?;
         Ok(Upload {
             file,
             temp,
@@ -152,20 +137,13 @@ impl FileBlobs {
     /// The file of an uploaded attachment, if the GET URL is valid.
     pub fn download_path(&self, attachment: &Attachment) -> Result<PathBuf, UploadError> {
         let path = self.path(attachment);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(UploadError::NotFound)
-        }
+        if path.is_file() { Ok(path) } else { Err(UploadError::NotFound) }
     }
 
     /// Deletes blobs older than `before` (S3's lifecycle rule does this when deployed).
     pub fn expire(&self, before: std::time::SystemTime) -> Result<u64> {
         let mut removed = 0;
-        for entry in std::fs::read_dir(&self.dir)
-            .map_err(Error::internal)?
-            .flatten()
-        {
+        for entry in std::fs::read_dir(&self.dir).map_err(Error::internal)?.flatten() {
             let meta = entry.metadata().map_err(Error::internal)?;
             if meta.is_file()
                 && entry.file_name() != "url-signing.key"
@@ -201,10 +179,7 @@ impl Upload {
             )));
         }
         self.hasher.update(chunk);
-        self.file
-            .write_all(chunk)
-            .await
-            .map_err(|_| UploadError::Internal)
+        self.file.write_all(chunk).await.map_err(|_| UploadError::Internal)
     }
 
     /// Checks size and hash, then moves the file into place.
@@ -218,17 +193,10 @@ impl Upload {
         }
         if self.hasher.clone().finalize().as_slice() != self.declared.as_slice() {
             self.abandon().await;
-            return Err(UploadError::BadRequest(
-                "the body's SHA-256 differs from the declared one".into(),
-            ));
+            return Err(UploadError::BadRequest("the body's SHA-256 differs from the declared one".into()));
         }
-        self.file
-            .sync_all()
-            .await
-            .map_err(|_| UploadError::Internal)?;
-        tokio::fs::rename(&self.temp, &self.target)
-            .await
-            .map_err(|_| UploadError::Internal)
+        self.file.sync_all().await.map_err(|_| UploadError::Internal)?;
+        tokio::fs::rename(&self.temp, &self.target).await.map_err(|_| UploadError::Internal)
     }
 
     pub async fn abandon(&mut self) {
@@ -238,38 +206,20 @@ impl Upload {
 
 #[async_trait]
 impl Blobs for FileBlobs {
-    async fn presign_upload(
-        &self,
-        attachment: &Attachment,
-        expires_at: Millis,
-    ) -> Result<Presigned> {
+    async fn presign_upload(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned> {
         let digest = hex::decode(&attachment.sha256).map_err(Error::internal)?;
         let headers = BTreeMap::from([
             ("content-type".to_owned(), attachment.content_type.clone()),
             (CHECKSUM_HEADER.to_owned(), B64.encode(digest)),
         ]);
-        Ok(Presigned {
-            url: self.url("PUT", attachment, expires_at),
-            headers,
-            expires_at,
-        })
+        Ok(Presigned { url: self.url("PUT", attachment, expires_at), headers, expires_at })
     }
 
-    async fn presign_download(
-        &self,
-        attachment: &Attachment,
-        expires_at: Millis,
-    ) -> Result<Presigned> {
-        Ok(Presigned {
-            url: self.url("GET", attachment, expires_at),
-            headers: BTreeMap::new(),
-            expires_at,
-        })
+    async fn presign_download(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned> {
+        Ok(Presigned { url: self.url("GET", attachment, expires_at), headers: BTreeMap::new(), expires_at })
     }
 
     async fn uploaded(&self, attachment: &Attachment) -> Result<bool> {
-        Ok(tokio::fs::try_exists(self.path(attachment))
-            .await
-            .unwrap_or(false))
+        Ok(tokio::fs::try_exists(self.path(attachment)).await.unwrap_or(false))
     }
 }

@@ -15,11 +15,7 @@ const MAX_ATTEMPTS: u32 = 5;
 
 /// Runs queued jobs as they come due, retrying with backoff; the `deliver`
 /// Lambda does this on SQS when deployed.
-pub fn spawn_job_runner(
-    store: SqliteStore,
-    courier: Arc<Courier>,
-    clock: Arc<dyn Clock>,
-) -> JoinHandle<()> {
+pub fn spawn_job_runner(store: SqliteStore, courier: Arc<Courier>, clock: Arc<dyn Clock>) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let jobs = match store.due_jobs(64).await {

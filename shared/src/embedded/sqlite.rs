@@ -18,8 +18,8 @@ use crate::domain::{Chat, Device, InboxKey, Member, Millis};
 use crate::error::{Error, Result};
 use crate::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
 use crate::ports::{
-    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, Job, Jobs,
-    MessageStore, Store, StoredMessage,
+    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, Job, Jobs, MessageStore,
+    Store, StoredMessage,
 };
 
 /// How far a commit goes before a write is answered.
@@ -126,9 +126,7 @@ struct Inner {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.inner.path)
-            .finish()
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish()
     }
 }
 
@@ -147,11 +145,7 @@ fn open(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
-    pub fn open(
-        path: &Path,
-        durability: Durability,
-        clock: Arc<dyn crate::ports::Clock>,
-    ) -> Result<Self> {
+    pub fn open(path: &Path, durability: Durability, clock: Arc<dyn crate::ports::Clock>) -> Result<Self> {
         let writer = open(path, durability)?;
         writer.execute_batch(SCHEMA)?;
         let (tx, rx) = mpsc::channel::<WriteOp>();
@@ -159,9 +153,7 @@ impl SqliteStore {
             .name("courier-sqlite-writer".into())
             .spawn(move || write_loop(writer, rx))
             .map_err(Error::internal)?;
-        let readers = (0..READERS)
-            .map(|_| open(path, durability))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let readers = (0..READERS).map(|_| open(path, durability)).collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
@@ -175,15 +167,11 @@ impl SqliteStore {
 
     /// Stops taking writes and waits for the writer to commit what it has.
     pub fn close(&self) {
-        self.inner
-            .writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Runs `f` in the next group commit; answers after that commit.
-    async fn write<R, F>(&self, f: F) -> Result<R>
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
@@ -195,18 +183,10 @@ impl SqliteStore {
                 let _ = tx.send(commit.and_then(|()| outcome.map_err(Error::from)));
             })
         });
-        let sender = self
-            .inner
-            .writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sender = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sender = sender.ok_or_else(|| Error::unavailable("the store is closing"))?;
-        sender
-            .send(op)
-            .map_err(|_| Error::unavailable("the store is closed"))?;
-        rx.await
-            .map_err(|_| Error::internal("the store's writer stopped"))?
+        sender.send(op).map_err(|_| Error::unavailable("the store is closed"))?;
+        rx.await.map_err(|_| Error::internal("the store's writer stopped"))?
     }
 
     /// Runs `f` on a read connection on a blocking thread.
@@ -217,11 +197,7 @@ impl SqliteStore {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = inner
-                .readers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
+            let pooled = inner.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
                 None => open(&inner.path, Durability::Process)?,
@@ -273,11 +249,7 @@ impl SqliteStore {
     }
 
     pub async fn complete_job(&self, id: i64) -> Result<()> {
-        self.write(move |c| {
-            c.execute("DELETE FROM jobs WHERE job_id = ?1", [id])
-                .map(drop)
-        })
-        .await
+        self.write(move |c| c.execute("DELETE FROM jobs WHERE job_id = ?1", [id]).map(drop)).await
     }
 
     pub async fn retry_job(&self, id: i64, run_at: Millis) -> Result<()> {
@@ -293,30 +265,19 @@ impl SqliteStore {
 
     /// Sets a job aside for good: the dead-letter queue of the local shape.
     pub async fn bury_job(&self, id: i64) -> Result<()> {
-        self.write(move |c| {
-            c.execute("UPDATE jobs SET dead = 1 WHERE job_id = ?1", [id])
-                .map(drop)
-        })
-        .await
+        self.write(move |c| c.execute("UPDATE jobs SET dead = 1 WHERE job_id = ?1", [id]).map(drop)).await
     }
 
     pub async fn dead_jobs(&self) -> Result<u64> {
-        self.read(|c| {
-            c.query_row("SELECT count(*) FROM jobs WHERE dead = 1", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        })
-        .await
-        .map(|n| n as u64)
+        self.read(|c| c.query_row("SELECT count(*) FROM jobs WHERE dead = 1", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|n| n as u64)
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.writes
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.writes.get_mut().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -372,15 +333,13 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
-    })
+    serde_json::from_str(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
 
 fn id<T: TryFrom<String, Error = String>>(text: String) -> rusqlite::Result<T> {
-    T::try_from(text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
-    })
+    T::try_from(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -424,10 +383,7 @@ fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
         id: id(r.get("message_id")?)?,
         timestamp: r.get("timestamp")?,
         json: r.get::<_, Option<String>>("body")?.unwrap_or_default(),
-        recipients: recipients
-            .iter()
-            .filter_map(|k| InboxKey::parse(k))
-            .collect(),
+        recipients: recipients.iter().filter_map(|k| InboxKey::parse(k)).collect(),
         fanned_out: r.get::<_, i64>("fanned_out")? != 0,
     })
 }
@@ -435,14 +391,8 @@ fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
 fn delete_device_rows(c: &Connection, user: &str, device: &str) -> rusqlite::Result<()> {
     let inbox = format!("{user}#{device}");
     c.execute("DELETE FROM inbox WHERE inbox = ?1", [&inbox])?;
-    c.execute(
-        "DELETE FROM connections WHERE user_id = ?1 AND device_id = ?2",
-        [user, device],
-    )?;
-    c.execute(
-        "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
-        [user, device],
-    )?;
+    c.execute("DELETE FROM connections WHERE user_id = ?1 AND device_id = ?2", [user, device])?;
+    c.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", [user, device])?;
     Ok(())
 }
 
@@ -455,9 +405,8 @@ impl ChatStore for SqliteStore {
                 "INSERT INTO chats (chat_id, body, version) VALUES (?1, ?2, ?3)",
                 params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
             )?;
-            let mut add = c.prepare_cached(
-                "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
-            )?;
+            let mut add =
+                c.prepare_cached("INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)")?;
             for m in &chat.members {
                 add.execute([m.user.as_str(), chat.id.as_str()])?;
             }
@@ -470,9 +419,7 @@ impl ChatStore for SqliteStore {
         let chat_id = chat_id.to_string();
         self.read(move |c| {
             c.prepare_cached("SELECT body, version FROM chats WHERE chat_id = ?1")?
-                .query_row([&chat_id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })
+                .query_row([&chat_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                 .optional()?
                 .map(|(body, version)| chat_from_row(chat_id.clone(), body, version))
                 .transpose()
@@ -538,8 +485,7 @@ impl DeviceStore for SqliteStore {
         max_devices: usize,
         expired_before: Millis,
     ) -> Result<Connected> {
-        let (user, device, connection) =
-            (user.to_string(), device.to_string(), connection.to_string());
+        let (user, device, connection) = (user.to_string(), device.to_string(), connection.to_string());
         self.write(move |c| {
             let existing: Option<(Option<String>, Millis)> = c
                 .query_row(
@@ -608,10 +554,7 @@ impl DeviceStore for SqliteStore {
                 )
                 .optional()?;
             if let Some((user, device)) = owner {
-                c.execute(
-                    "DELETE FROM connections WHERE connection_id = ?1",
-                    [&connection],
-                )?;
+                c.execute("DELETE FROM connections WHERE connection_id = ?1", [&connection])?;
                 c.execute(
                     "UPDATE devices SET connection_id = NULL, last_seen = ?4
                      WHERE user_id = ?1 AND device_id = ?2 AND connection_id = ?3",
@@ -669,7 +612,9 @@ impl DeviceStore for SqliteStore {
     async fn expire_devices(&self, before: Millis) -> Result<u64> {
         self.write(move |c| {
             let stale: Vec<(String, String)> = c
-                .prepare("SELECT user_id, device_id FROM devices WHERE last_seen < ?1 AND connection_id IS NULL")?
+                .prepare(
+                    "SELECT user_id, device_id FROM devices WHERE last_seen < ?1 AND connection_id IS NULL",
+                )?
                 .query_map([before], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             for (user, device) in &stale {
@@ -726,11 +671,7 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn message(
-        &self,
-        chat: &ChatId,
-        message_id: &MessageId,
-    ) -> Result<Option<StoredMessage>> {
+    async fn message(&self, chat: &ChatId, message_id: &MessageId) -> Result<Option<StoredMessage>> {
         let (chat, message_id) = (chat.to_string(), message_id.to_string());
         self.read(move |c| {
             c.prepare_cached("SELECT * FROM messages WHERE chat_id = ?1 AND message_id = ?2")?
@@ -763,12 +704,7 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn holders(
-        &self,
-        message_id: &MessageId,
-        keys: &[InboxKey],
-        now: Millis,
-    ) -> Result<Vec<InboxKey>> {
+    async fn holders(&self, message_id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>> {
         let (message_id, keys) = (message_id.to_string(), keys.to_vec());
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
@@ -792,16 +728,14 @@ impl MessageStore for SqliteStore {
         limit: usize,
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>> {
-        let (inbox, after) = (
-            inbox.key(),
-            after.map(|a| a.to_string()).unwrap_or_default(),
-        );
+        let (inbox, after) = (inbox.key(), after.map(|a| a.to_string()).unwrap_or_default());
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT message_id, body FROM inbox WHERE inbox = ?1 AND message_id > ?2 AND expires_at > ?3
                  ORDER BY message_id LIMIT ?4",
             )?;
-            let rows = stmt.query_map(params![inbox, after, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows =
+                stmt.query_map(params![inbox, after, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.map(|row| row.and_then(|(msg, body): (String, String)| Ok((id(msg)?, body)))).collect()
         })
         .await
@@ -810,8 +744,7 @@ impl MessageStore for SqliteStore {
     async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64> {
         let (inbox, ids) = (inbox.key(), ids.to_vec());
         self.write(move |c| {
-            let mut delete =
-                c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2")?;
+            let mut delete = c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2")?;
             let mut acked = 0;
             for message_id in &ids {
                 acked += delete.execute([&inbox, message_id.as_str()])? as u64;
@@ -825,10 +758,8 @@ impl MessageStore for SqliteStore {
         let pending = InboxKey::Pending(user.clone()).key();
         let target = InboxKey::Device(user.clone(), device.clone()).key();
         self.write(move |c| {
-            let moved = c.execute(
-                "UPDATE OR IGNORE inbox SET inbox = ?2 WHERE inbox = ?1",
-                [&pending, &target],
-            )?;
+            let moved =
+                c.execute("UPDATE OR IGNORE inbox SET inbox = ?2 WHERE inbox = ?1", [&pending, &target])?;
             c.execute("DELETE FROM inbox WHERE inbox = ?1", [&pending])?;
             Ok(moved as u64)
         })
@@ -853,7 +784,14 @@ impl AttachmentStore for SqliteStore {
             c.execute(
                 "INSERT INTO attachments (attachment_id, uploader, content_type, size, sha256, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![a.id.as_str(), a.uploader.as_str(), a.content_type, a.size as i64, a.sha256, a.created_at],
+                params![
+                    a.id.as_str(),
+                    a.uploader.as_str(),
+                    a.content_type,
+                    a.size as i64,
+                    a.sha256,
+                    a.created_at
+                ],
             )
             .map(drop)
         })
@@ -913,14 +851,63 @@ impl Jobs for SqliteStore {
         let body = json(job);
         let run_at = self.now() + delay.as_millis() as Millis;
         self.write(move |c| {
-            c.execute(
-                "INSERT INTO jobs (run_at, body) VALUES (?1, ?2)",
-                params![run_at, body],
-            )
-            .map(drop)
+            c.execute("INSERT INTO jobs (run_at, body) VALUES (?1, ?2)", params![run_at, body]).map(drop)
         })
         .await?;
         self.inner.jobs_queued.notify_one();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::contract::{self, Tables};
+    use crate::ports::SystemClock;
+
+    #[tokio::test]
+    async fn sqlite_keeps_the_table_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("c.db"), Durability::Process, Arc::new(SystemClock)).unwrap();
+        let tables = Tables {
+            chats: Arc::new(store.clone()),
+            devices: Arc::new(store.clone()),
+            messages: Arc::new(store.clone()),
+            attachments: Arc::new(store.clone()),
+        };
+        contract::all(&tables).await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_rolls_back_alone_within_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("g.db"), Durability::Process, Arc::new(SystemClock)).unwrap();
+        let writes = (0..50).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |c| {
+                        c.execute("INSERT INTO jobs (run_at, body) VALUES (?1, 'x')", [i])?;
+                        if i % 10 == 0 {
+                            // A constraint violation after a successful insert in the same op.
+                            c.execute("INSERT INTO jobs (job_id, run_at, body) VALUES (1, 0, 'dup')", [])?;
+                            c.execute("INSERT INTO jobs (job_id, run_at, body) VALUES (1, 0, 'dup')", [])?;
+                        }
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        let results = futures_util::future::join_all(writes).await;
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 5);
+        let rows: i64 = store
+            .read(|c| c.query_row("SELECT count(*) FROM jobs WHERE body = 'x'", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(rows, 45, "the five failing writes left nothing, the others all landed");
     }
 }

@@ -35,12 +35,7 @@ async fn handle<C: Command>(courier: &Courier, event: WsEvent) -> WsResponse {
     let command: C = match serde_json::from_str(body_text(&event).unwrap_or_default()) {
         Ok(command) => command,
         Err(e) => {
-            return reply(protocol::failure(
-                action,
-                request_id,
-                ErrorCode::BadRequest,
-                field_error(&e),
-            ));
+            return reply(protocol::failure(action, request_id, ErrorCode::BadRequest, field_error(&e)));
         }
     };
     match command.run(courier, &caller).await {

@@ -27,9 +27,7 @@ pub fn authorizer(
     request: &ApiGatewayCustomAuthorizerRequestTypeRequest,
 ) -> Result<ApiGatewayCustomAuthorizerResponse> {
     let query = &request.query_string_parameters;
-    let token = query
-        .first("token")
-        .ok_or_else(|| Error::Unauthorized("missing token".into()))?;
+    let token = query.first("token").ok_or_else(|| Error::Unauthorized("missing token".into()))?;
     let user = verifier.verify(token)?;
     // The deviceId is checked by $connect, which can answer 400 where an authorizer cannot.
     let device = query.first("deviceId").unwrap_or_default();
@@ -45,8 +43,7 @@ pub fn authorizer(
     let mut response = ApiGatewayCustomAuthorizerResponse::default();
     response.principal_id = Some(user.to_string());
     response.policy_document = policy;
-    response.context =
-        serde_json::json!({ AUTHORIZER_USER: user.as_str(), AUTHORIZER_DEVICE: device });
+    response.context = serde_json::json!({ AUTHORIZER_USER: user.as_str(), AUTHORIZER_DEVICE: device });
     Ok(response)
 }
 
@@ -66,21 +63,14 @@ pub fn authorizer_context(response: &ApiGatewayCustomAuthorizerResponse) -> Hash
 /// device limit) and binds the connection to it.
 pub async fn connect(courier: &Courier, event: WsEvent) -> WsResponse {
     let ctx = &event.request_context;
-    let field = |name: &str| {
-        ctx.authorizer
-            .other
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-    };
+    let field = |name: &str| ctx.authorizer.other.get(name).and_then(Value::as_str).unwrap_or_default();
     let Ok(user) = UserId::try_from(field(super::AUTHORIZER_USER)) else {
         return status(401);
     };
     let Ok(device) = DeviceId::try_from(field(super::AUTHORIZER_DEVICE)) else {
         return status(400);
     };
-    let Ok(connection) = ConnectionId::try_from(ctx.connection_id.clone().unwrap_or_default())
-    else {
+    let Ok(connection) = ConnectionId::try_from(ctx.connection_id.clone().unwrap_or_default()) else {
         return status(400);
     };
     match courier.connect(&user, &device, &connection).await {
@@ -95,11 +85,7 @@ pub async fn connect(courier: &Courier, event: WsEvent) -> WsResponse {
 
 /// $disconnect: unbinds the connection from its device.
 pub async fn disconnect(courier: &Courier, event: WsEvent) -> WsResponse {
-    let connection = event
-        .request_context
-        .connection_id
-        .clone()
-        .unwrap_or_default();
+    let connection = event.request_context.connection_id.clone().unwrap_or_default();
     if let Ok(connection) = ConnectionId::try_from(connection)
         && let Err(e) = courier.disconnect(&connection).await
     {
@@ -112,18 +98,11 @@ pub async fn disconnect(courier: &Courier, event: WsEvent) -> WsResponse {
 /// $default: frames that name no known action.
 pub async fn default(event: WsEvent) -> WsResponse {
     match head(body_text(&event)) {
-        Err((request_id, message, code)) => {
-            reply(failure(super::DEFAULT, request_id, code, message))
-        }
+        Err((request_id, message, code)) => reply(failure(super::DEFAULT, request_id, code, message)),
         Ok(head) => {
             let shown: String = head.action.chars().take(64).collect();
             let message = format!("unknown action {shown:?}");
-            reply(failure(
-                &shown,
-                head.request_id,
-                ErrorCode::UnknownAction,
-                message,
-            ))
+            reply(failure(&shown, head.request_id, ErrorCode::UnknownAction, message))
         }
     }
 }

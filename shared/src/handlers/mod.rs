@@ -15,12 +15,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub use commands::{
-    Command, ack, create_attachment, create_chat, get_attachment, list_chats,
-    modify_chat_participants, remove_device, send_message, sync,
+    Command, ack, create_attachment, create_chat, get_attachment, list_chats, modify_chat_participants,
+    remove_device, send_message, sync,
 };
 pub use connection::{
-    AUTHORIZER_DEVICE, AUTHORIZER_USER, authorizer, authorizer_context, connect, default,
-    disconnect,
+    AUTHORIZER_DEVICE, AUTHORIZER_USER, authorizer, authorizer_context, connect, default, disconnect,
 };
 
 use crate::domain::Caller;
@@ -96,10 +95,7 @@ pub fn ws_event(
     ctx.stage = Some("local".to_owned());
     ctx.request_time_epoch = now_ms;
     ctx.connected_at = now_ms;
-    ctx.authorizer.other = authorizer
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    ctx.authorizer.other = authorizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     event.body = body;
     event
 }
@@ -107,13 +103,7 @@ pub fn ws_event(
 /// Who sent the event, from the authorizer context and the connection id.
 fn caller(event: &WsEvent) -> Result<Caller, Error> {
     let ctx = &event.request_context;
-    let field = |name: &str| {
-        ctx.authorizer
-            .other
-            .get(name)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-    };
+    let field = |name: &str| ctx.authorizer.other.get(name).and_then(Value::as_str).unwrap_or_default();
     let unauthorized = || Error::Unauthorized("the connection carries no verified identity".into());
     Ok(Caller {
         user: UserId::try_from(field(AUTHORIZER_USER)).map_err(|_| unauthorized())?,
@@ -142,12 +132,7 @@ fn error_reply(action: &str, request_id: Option<String>, error: &Error) -> WsRes
     if matches!(error, Error::Internal(_) | Error::Unavailable(_)) {
         tracing::error!(action, error = %error, source = ?std::error::Error::source(error), "command failed");
     }
-    reply(failure(
-        action,
-        request_id,
-        error.code(),
-        error.client_message(),
-    ))
+    reply(failure(action, request_id, error.code(), error.client_message()))
 }
 
 /// The frame body of an event as text.
@@ -172,18 +157,10 @@ fn head(body: Option<&str>) -> Result<Head, (Option<String>, String, ErrorCode)>
     let raw: Raw = match serde_json::from_str(body.unwrap_or_default()) {
         Ok(raw) => raw,
         Err(e) if e.is_data() => {
-            return Err((
-                None,
-                "a frame is one JSON object".into(),
-                ErrorCode::BadRequest,
-            ));
+            return Err((None, "a frame is one JSON object".into(), ErrorCode::BadRequest));
         }
         Err(_) => {
-            return Err((
-                None,
-                "the frame is not valid JSON".into(),
-                ErrorCode::BadRequest,
-            ));
+            return Err((None, "the frame is not valid JSON".into(), ErrorCode::BadRequest));
         }
     };
     let request_id = match raw.request_id {
@@ -199,16 +176,8 @@ fn head(body: Option<&str>) -> Result<Head, (Option<String>, String, ErrorCode)>
     };
     match raw.action {
         Some(Value::String(action)) => Ok(Head { action, request_id }),
-        Some(_) => Err((
-            request_id,
-            "action must be a string".into(),
-            ErrorCode::BadRequest,
-        )),
-        None => Err((
-            request_id,
-            "the frame has no action".into(),
-            ErrorCode::BadRequest,
-        )),
+        Some(_) => Err((request_id, "action must be a string".into(), ErrorCode::BadRequest)),
+        None => Err((request_id, "the frame has no action".into(), ErrorCode::BadRequest)),
     }
 }
 

@@ -13,11 +13,8 @@ fn valid_content_type(s: &str) -> bool {
     let Some((kind, sub)) = s.split_once('/') else {
         return false;
     };
-    let token = |t: &str| {
-        !t.is_empty()
-            && t.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
-    };
+    let token =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b));
     s.len() <= 127 && token(kind) && token(sub)
 }
 
@@ -29,9 +26,7 @@ impl Courier {
         cmd: CreateAttachment,
     ) -> Result<AttachmentCreated> {
         if !valid_content_type(&cmd.content_type) {
-            return Err(Error::BadRequest(
-                "contentType must be a MIME type such as image/jpeg".into(),
-            ));
+            return Err(Error::BadRequest("contentType must be a MIME type such as image/jpeg".into()));
         }
         if cmd.size == 0 {
             return Err(Error::BadRequest("size must be at least 1 byte".into()));
@@ -55,11 +50,7 @@ impl Courier {
             created_at: now,
         };
         self.ports.attachments.put_attachment(&attachment).await?;
-        let upload = self
-            .ports
-            .blobs
-            .presign_upload(&attachment, now + self.limits.url_ttl_ms)
-            .await?;
+        let upload = self.ports.blobs.presign_upload(&attachment, now + self.limits.url_ttl_ms).await?;
         Ok(AttachmentCreated {
             attachment_id: attachment.id,
             upload_url: upload.url,
@@ -69,35 +60,17 @@ impl Courier {
     }
 
     #[instrument(skip_all, fields(user = %caller.user, attachment = %id))]
-    pub async fn get_attachment(
-        &self,
-        caller: &Caller,
-        id: &AttachmentId,
-    ) -> Result<AttachmentLink> {
+    pub async fn get_attachment(&self, caller: &Caller, id: &AttachmentId) -> Result<AttachmentLink> {
         let not_found = || Error::NotFound(format!("no attachment {id}"));
-        let attachment = self
-            .ports
-            .attachments
-            .attachment(id)
-            .await?
-            .ok_or_else(not_found)?;
-        if attachment.uploader != caller.user
-            && !self.shares_a_chat_with(caller, &attachment).await?
-        {
-            return Err(Error::Forbidden(
-                "this attachment was not shared in any of your chats".into(),
-            ));
+        let attachment = self.ports.attachments.attachment(id).await?.ok_or_else(not_found)?;
+        if attachment.uploader != caller.user && !self.shares_a_chat_with(caller, &attachment).await? {
+            return Err(Error::Forbidden("this attachment was not shared in any of your chats".into()));
         }
         if !self.ports.blobs.uploaded(&attachment).await? {
-            return Err(Error::NotFound(format!(
-                "attachment {id} has not been uploaded yet"
-            )));
+            return Err(Error::NotFound(format!("attachment {id} has not been uploaded yet")));
         }
-        let link = self
-            .ports
-            .blobs
-            .presign_download(&attachment, self.now() + self.limits.url_ttl_ms)
-            .await?;
+        let link =
+            self.ports.blobs.presign_download(&attachment, self.now() + self.limits.url_ttl_ms).await?;
         Ok(AttachmentLink {
             attachment_id: attachment.id,
             download_url: link.url,
@@ -109,12 +82,7 @@ impl Courier {
     }
 
     async fn shares_a_chat_with(&self, caller: &Caller, attachment: &Attachment) -> Result<bool> {
-        for chat in self
-            .ports
-            .attachments
-            .chats_of_attachment(&attachment.id)
-            .await?
-        {
+        for chat in self.ports.attachments.chats_of_attachment(&attachment.id).await? {
             if let Some(chat) = self.ports.chats.chat(&chat).await?
                 && chat.is_member(&caller.user)
             {
@@ -125,11 +93,7 @@ impl Courier {
     }
 
     /// Checks that every attachment of a message was uploaded, completely, by its sender.
-    pub(super) async fn check_attachments(
-        &self,
-        caller: &Caller,
-        ids: &[AttachmentId],
-    ) -> Result<()> {
+    pub(super) async fn check_attachments(&self, caller: &Caller, ids: &[AttachmentId]) -> Result<()> {
         for id in ids {
             let attachment = self.ports.attachments.attachment(id).await?;
             let usable = match &attachment {

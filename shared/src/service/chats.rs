@@ -8,9 +8,7 @@ use super::Courier;
 use crate::domain::{Caller, Chat, Member};
 use crate::error::{Error, Result};
 use crate::ids::{ChatId, UserId};
-use crate::protocol::{
-    ChatCreated, ChatList, CreateChat, ModifyChatParticipants, Operation, Participants,
-};
+use crate::protocol::{ChatCreated, ChatList, CreateChat, ModifyChatParticipants, Operation, Participants};
 
 /// How often a participant change re-reads the chat after losing a race.
 const CONFLICT_RETRIES: usize = 8;
@@ -36,9 +34,7 @@ impl Courier {
             }
         }
         if users.len() < 2 {
-            return Err(Error::BadRequest(
-                "a chat needs at least 2 participants, you included".into(),
-            ));
+            return Err(Error::BadRequest("a chat needs at least 2 participants, you included".into()));
         }
         if users.len() > self.limits.max_participants {
             return Err(Error::LimitExceeded(format!(
@@ -50,13 +46,7 @@ impl Courier {
         let chat = Chat {
             id: self.ids.chat(now),
             name: cmd.name,
-            members: users
-                .into_iter()
-                .map(|user| Member {
-                    user,
-                    joined_at: now,
-                })
-                .collect(),
+            members: users.into_iter().map(|user| Member { user, joined_at: now }).collect(),
             admins: vec![caller.user.clone()],
             created_at: now,
             version: 0,
@@ -76,9 +66,7 @@ impl Courier {
             let mut chat = self.member_chat(caller, &cmd.chat_id).await?;
             let leaving = cmd.operation == Operation::Remove && cmd.user_id == caller.user;
             if !leaving && !chat.is_admin(&caller.user) {
-                return Err(Error::Forbidden(
-                    "only an admin adds participants or removes others".into(),
-                ));
+                return Err(Error::Forbidden("only an admin adds participants or removes others".into()));
             }
             let before = chat.participants();
             let expected = chat.version;
@@ -87,27 +75,19 @@ impl Courier {
                 Operation::Remove => chat.remove(&cmd.user_id),
             };
             if !changed {
-                return Ok(Participants {
-                    participants: before,
-                });
+                return Ok(Participants { participants: before });
             }
             if self.ports.chats.update_chat(&chat, expected).await? {
                 self.announce(&chat, &before).await;
-                return Ok(Participants {
-                    participants: chat.participants(),
-                });
+                return Ok(Participants { participants: chat.participants() });
             }
         }
-        Err(Error::unavailable(
-            "the chat kept changing under this request",
-        ))
+        Err(Error::unavailable("the chat kept changing under this request"))
     }
 
     pub async fn list_chats(&self, caller: &Caller) -> Result<ChatList> {
         let chats = self.ports.chats.chats_of(&caller.user).await?;
-        Ok(ChatList {
-            chats: chats.iter().map(Chat::summary).collect(),
-        })
+        Ok(ChatList { chats: chats.iter().map(Chat::summary).collect() })
     }
 
     /// The chat, if the caller is one of its participants.
@@ -115,9 +95,7 @@ impl Courier {
         let chat = self.ports.chats.chat(id).await?;
         let chat = chat.ok_or_else(|| Error::NotFound(format!("no chat {id}")))?;
         if !chat.is_member(&caller.user) {
-            return Err(Error::Forbidden(format!(
-                "you are not a participant of chat {id}"
-            )));
+            return Err(Error::Forbidden(format!("you are not a participant of chat {id}")));
         }
         Ok(chat)
     }
@@ -132,8 +110,7 @@ impl Courier {
         let frame = crate::protocol::chat_update_frame(&chat.update());
         let result = async {
             let devices = self.live_devices(&users, self.now()).await?;
-            self.push_all(devices.iter().filter_map(|d| d.connection.as_ref()), &frame)
-                .await
+            self.push_all(devices.iter().filter_map(|d| d.connection.as_ref()), &frame).await
         };
         if let Err(e) = result.await {
             tracing::warn!(chat = %chat.id, error = %e, "chatUpdate push failed");

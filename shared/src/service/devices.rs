@@ -13,35 +13,19 @@ impl Courier {
     /// first device inherits what was sent to them while they had none; an
     /// older connection of the same device is closed.
     #[instrument(skip_all, fields(user = %user, device = %device, connection = %connection))]
-    pub async fn connect(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        connection: &ConnectionId,
-    ) -> Result<()> {
+    pub async fn connect(&self, user: &UserId, device: &DeviceId, connection: &ConnectionId) -> Result<()> {
         let now = self.now();
         let outcome = self
             .ports
             .devices
-            .connect(
-                user,
-                device,
-                connection,
-                now,
-                self.limits.max_devices,
-                self.expired_before(now),
-            )
+            .connect(user, device, connection, now, self.limits.max_devices, self.expired_before(now))
             .await?;
         match outcome {
             Connected::DeviceLimit => Err(Error::LimitExceeded(format!(
                 "a user has at most {} devices; remove one with removeDevice",
                 self.limits.max_devices
             ))),
-            Connected::Ok {
-                first_device,
-                replaced,
-                ..
-            } => {
+            Connected::Ok { first_device, replaced, .. } => {
                 if first_device {
                     let claimed = self.ports.messages.claim_pending(user, device).await?;
                     tracing::debug!(claimed, "first device claimed pending messages");
@@ -62,13 +46,8 @@ impl Courier {
 
     #[instrument(skip_all, fields(user = %caller.user, device = %device))]
     pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<()> {
-        let removed = self
-            .ports
-            .devices
-            .remove_device(&caller.user, device)
-            .await?;
-        let removed =
-            removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;
+        let removed = self.ports.devices.remove_device(&caller.user, device).await?;
+        let removed = removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;
         if let Some(connection) = removed.connection {
             self.ports.push.close(&connection).await?;
         }

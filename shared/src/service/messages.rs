@@ -35,9 +35,7 @@ impl Courier {
         }
         let dedupe = match cmd.client_message_id {
             Some(id) if id.is_empty() || id.chars().count() > 64 => {
-                return Err(Error::BadRequest(
-                    "clientMessageId must be 1 to 64 characters".into(),
-                ));
+                return Err(Error::BadRequest("clientMessageId must be 1 to 64 characters".into()));
             }
             Some(id) => Some(DedupeKey {
                 user: caller.user.clone(),
@@ -71,31 +69,18 @@ impl Courier {
             fanned_out: false,
         };
         let expires_at = now + self.limits.retention_ms;
-        let outcome = self
-            .ports
-            .messages
-            .store(&stored, dedupe.as_ref(), expires_at)
-            .await?;
+        let outcome = self.ports.messages.store(&stored, dedupe.as_ref(), expires_at).await?;
         if !message.attachments.is_empty() {
-            self.ports
-                .attachments
-                .link(&message.attachments, &chat.id)
-                .await?;
+            self.ports.attachments.link(&message.attachments, &chat.id).await?;
         }
         match outcome {
             Store::Stored => {
                 let targets = push_targets(&stored.recipients, &devices);
                 self.fan_out(&stored, targets).await;
-                Ok(MessageSent {
-                    message_id: stored.id,
-                    timestamp: now,
-                })
+                Ok(MessageSent { message_id: stored.id, timestamp: now })
             }
             // A retry: the first attempt's fan-out (or the feed) covers delivery.
-            Store::Duplicate(first) => Ok(MessageSent {
-                message_id: first.id,
-                timestamp: first.timestamp,
-            }),
+            Store::Duplicate(first) => Ok(MessageSent { message_id: first.id, timestamp: first.timestamp }),
         }
     }
 
@@ -103,41 +88,32 @@ impl Courier {
     /// and through delivery jobs for large ones, then marks the message done.
     /// Failures leave the mark unset, so the feed finishes the work later.
     async fn fan_out(&self, message: &StoredMessage, targets: Vec<PushTarget>) {
+        let deliver = |targets: Vec<PushTarget>| Job::Deliver {
+            message_id: message.id.clone(),
+            message: message.json.clone(),
+            targets,
+        };
         let result = async {
             if targets.len() > self.limits.inline_push_limit {
                 for chunk in targets.chunks(TARGETS_PER_JOB) {
-                    let job = Job::Deliver {
-                        chat_id: message.chat.clone(),
-                        message_id: message.id.clone(),
-                        targets: chunk.to_vec(),
-                    };
-                    self.ports.jobs.enqueue(&job, Duration::ZERO).await?;
+                    self.ports.jobs.enqueue(&deliver(chunk.to_vec()), Duration::ZERO).await?;
                 }
-            } else if let Err(e) = self.push_message(message, &targets).await {
+            } else if let Err(e) = self.push_message(&message.json, &targets).await {
                 if !e.is_retryable() {
                     return Err(e);
                 }
-                let job = Job::Deliver {
-                    chat_id: message.chat.clone(),
-                    message_id: message.id.clone(),
-                    targets,
-                };
-                self.ports.jobs.enqueue(&job, Duration::ZERO).await?;
+                self.ports.jobs.enqueue(&deliver(targets), Duration::ZERO).await?;
             }
-            self.ports
-                .messages
-                .mark_fanned_out(&message.chat, &message.id)
-                .await
+            self.ports.messages.mark_fanned_out(&message.chat, &message.id).await
         };
         if let Err(e) = result.await {
             tracing::warn!(message = %message.id, error = %e, "fan-out left to the feed");
         }
     }
 
-    async fn push_message(&self, message: &StoredMessage, targets: &[PushTarget]) -> Result<()> {
-        let frame = crate::protocol::new_message_frame(&message.json);
-        self.push_all(targets.iter().map(|t| &t.connection_id), &frame)
-            .await
+    async fn push_message(&self, message_json: &str, targets: &[PushTarget]) -> Result<()> {
+        let frame = crate::protocol::new_message_frame(message_json);
+        self.push_all(targets.iter().map(|t| &t.connection_id), &frame).await
     }
 
     /// The safety net (fanout on the change feed, or a delayed job): finish a
@@ -152,11 +128,7 @@ impl Courier {
             return Ok(());
         }
         let now = self.now();
-        let holders = self
-            .ports
-            .messages
-            .holders(id, &message.recipients, now)
-            .await?;
+        let holders = self.ports.messages.holders(id, &message.recipients, now).await?;
         let users: Vec<UserId> = holders
             .iter()
             .map(|k| match k {
@@ -165,41 +137,30 @@ impl Courier {
             .collect();
         let devices = self.live_devices(&users, now).await?;
         let targets = push_targets(&holders, &devices);
-        self.push_message(&message, &targets).await?;
+        self.push_message(&message.json, &targets).await?;
         self.ports.messages.mark_fanned_out(chat, id).await
     }
 
     /// Runs one queued job. An `Err` that is retryable asks the queue to try again.
     pub async fn run_job(&self, job: &Job) -> Result<()> {
         match job {
-            Job::Deliver {
-                chat_id,
-                message_id,
-                targets,
-            } => {
-                let Some(message) = self.ports.messages.message(chat_id, message_id).await? else {
-                    return Ok(());
-                };
-                let holders: BTreeSet<InboxKey> = self
-                    .ports
-                    .messages
-                    .holders(message_id, &message.recipients, self.now())
-                    .await?
-                    .into_iter()
+            Job::Deliver { message_id, message, targets } => {
+                // Only inboxes still holding the message get it: nothing acked is pushed again.
+                let keys: Vec<InboxKey> = targets
+                    .iter()
+                    .map(|t| InboxKey::Device(t.user_id.clone(), t.device_id.clone()))
                     .collect();
+                let holders: BTreeSet<InboxKey> =
+                    self.ports.messages.holders(message_id, &keys, self.now()).await?.into_iter().collect();
                 let live: Vec<PushTarget> = targets
                     .iter()
-                    .filter(|t| {
-                        holders.contains(&InboxKey::Device(t.user_id.clone(), t.device_id.clone()))
-                    })
-                    .cloned()
+                    .zip(&keys)
+                    .filter(|(_, key)| holders.contains(key))
+                    .map(|(t, _)| t.clone())
                     .collect();
-                self.push_message(&message, &live).await
+                self.push_message(message, &live).await
             }
-            Job::FinishFanout {
-                chat_id,
-                message_id,
-            } => self.finish_fanout(chat_id, message_id).await,
+            Job::FinishFanout { chat_id, message_id } => self.finish_fanout(chat_id, message_id).await,
         }
     }
 
@@ -209,10 +170,7 @@ impl Courier {
             None => self.limits.default_sync_limit,
             Some(0) => return Err(Error::BadRequest("limit must be at least 1".into())),
             Some(n) if n > self.limits.max_sync_limit => {
-                return Err(Error::LimitExceeded(format!(
-                    "limit is at most {}",
-                    self.limits.max_sync_limit
-                )));
+                return Err(Error::LimitExceeded(format!("limit is at most {}", self.limits.max_sync_limit)));
             }
             Some(n) => n,
         } as usize;
@@ -223,11 +181,8 @@ impl Courier {
                     .map_err(|_| Error::BadRequest("cursor is not one sync gave".into()))?,
             ),
         };
-        let rows = self
-            .ports
-            .messages
-            .inbox_page(&caller.inbox(), after.as_ref(), limit + 1, self.now())
-            .await?;
+        let rows =
+            self.ports.messages.inbox_page(&caller.inbox(), after.as_ref(), limit + 1, self.now()).await?;
         let mut messages = Vec::with_capacity(rows.len().min(limit));
         let mut bytes = 0;
         let mut last = None;
@@ -238,16 +193,10 @@ impl Courier {
                 break;
             }
             bytes += json.len() + 1;
-            messages.push(
-                serde_json::value::RawValue::from_string(json.clone()).map_err(Error::internal)?,
-            );
+            messages.push(serde_json::value::RawValue::from_string(json.clone()).map_err(Error::internal)?);
             last = Some(id);
         }
-        let cursor = if messages.len() < rows.len() {
-            last.map(|id| id.to_string())
-        } else {
-            None
-        };
+        let cursor = if messages.len() < rows.len() { last.map(|id| id.to_string()) } else { None };
         Ok(SyncPage { messages, cursor })
     }
 
@@ -256,16 +205,12 @@ impl Courier {
             (Some(ids), None) => ids,
             (None, Some(id)) => vec![id],
             (Some(_), Some(_)) => {
-                return Err(Error::BadRequest(
-                    "give messageIds or messageId, not both".into(),
-                ));
+                return Err(Error::BadRequest("give messageIds or messageId, not both".into()));
             }
             (None, None) => return Err(Error::BadRequest("messageIds is required".into())),
         };
         if ids.is_empty() {
-            return Err(Error::BadRequest(
-                "messageIds must name at least one message".into(),
-            ));
+            return Err(Error::BadRequest("messageIds must name at least one message".into()));
         }
         if ids.len() > self.limits.max_ack_ids {
             return Err(Error::LimitExceeded(format!(
@@ -289,9 +234,7 @@ fn recipients(caller: &Caller, participants: &[UserId], devices: &[Device]) -> V
     for user in participants {
         match by_user.get(user) {
             Some(ds) => keys.extend(
-                ds.iter()
-                    .filter(|d| !(d.user == caller.user && d.id == caller.device))
-                    .map(|d| d.inbox()),
+                ds.iter().filter(|d| !(d.user == caller.user && d.id == caller.device)).map(|d| d.inbox()),
             ),
             None => keys.push(InboxKey::Pending(user.clone())),
         }

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use crate::domain::{Device, Limits, Millis};
 use crate::error::Result;
 use crate::ids::{ConnectionId, IdGen, UserId};
-use crate::ports::{
-    AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push,
-};
+use crate::ports::{AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push};
 
 /// The ports a `Courier` runs on, chosen once at start-up.
 #[derive(Clone)]
@@ -36,11 +34,7 @@ pub struct Courier {
 
 impl Courier {
     pub fn new(ports: Ports, limits: Limits) -> Self {
-        Self {
-            ports,
-            ids: IdGen::new(),
-            limits,
-        }
+        Self { ports, ids: IdGen::new(), limits }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -61,10 +55,7 @@ impl Courier {
     }
 
     async fn live_devices(&self, users: &[UserId], now: Millis) -> Result<Vec<Device>> {
-        self.ports
-            .devices
-            .devices_of(users, self.expired_before(now))
-            .await
+        self.ports.devices.devices_of(users, self.expired_before(now)).await
     }
 
     /// Pushes one frame to each connection, in parallel; a connection found
@@ -74,19 +65,14 @@ impl Courier {
         connections: impl IntoIterator<Item = &ConnectionId>,
         frame: &str,
     ) -> Result<()> {
-        let posts = connections
-            .into_iter()
-            .map(|c| async move { (c, self.ports.push.post(c, frame).await) });
+        let posts = connections.into_iter().map(|c| async move { (c, self.ports.push.post(c, frame).await) });
         let mut first_error = None;
         for (connection, outcome) in futures_util::future::join_all(posts).await {
             match outcome {
                 Ok(Posted::Sent) => {}
                 Ok(Posted::Gone) => {
                     tracing::debug!(%connection, "push found the connection gone");
-                    self.ports
-                        .devices
-                        .disconnect(connection, self.now())
-                        .await?;
+                    self.ports.devices.disconnect(connection, self.now()).await?;
                 }
                 Err(e) => {
                     tracing::warn!(%connection, error = %e, "push failed");
@@ -100,16 +86,8 @@ impl Courier {
     /// The periodic clean-up: expired devices and inbox rows, old message rows.
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = self.now();
-        let devices = self
-            .ports
-            .devices
-            .expire_devices(self.expired_before(now))
-            .await?;
-        let rows = self
-            .ports
-            .messages
-            .expire_messages(now, self.limits.retention_ms)
-            .await?;
+        let devices = self.ports.devices.expire_devices(self.expired_before(now)).await?;
+        let rows = self.ports.messages.expire_messages(now, self.limits.retention_ms).await?;
         tracing::info!(devices, rows, "cleanup");
         Ok((devices, rows))
     }
