@@ -22,8 +22,8 @@ pub struct BlobState {
 
 #[derive(Deserialize)]
 pub struct Signed {
-    expires: i64,
-    sig: String,
+    expires: Option<i64>,
+    sig: Option<String>,
 }
 
 fn refuse(e: UploadError) -> Response {
@@ -43,9 +43,11 @@ async fn signed_attachment(
     id: &str,
     signed: &Signed,
 ) -> Result<Attachment, UploadError> {
-    state
-        .files
-        .check(method, id, signed.expires, &signed.sig, SystemClock.now())?;
+    // A URL without its signature is refused as a wrong one is, as S3 does.
+    let (Some(expires), Some(sig)) = (signed.expires, signed.sig.as_deref()) else {
+        return Err(UploadError::Forbidden);
+    };
+    state.files.check(method, id, expires, sig, SystemClock.now())?;
     let id = AttachmentId::try_from(id).map_err(|_| UploadError::NotFound)?;
     match state.courier.ports().attachments.attachment(&id).await {
         Ok(Some(attachment)) => Ok(attachment),
@@ -73,11 +75,7 @@ pub async fn upload(
         let length = header("content-length").and_then(|v| v.parse().ok());
         let mut upload = state
             .files
-            .begin_upload(
-                &attachment,
-                header(courier_shared::embedded::CHECKSUM_HEADER),
-                length,
-            )
+            .begin_upload(&attachment, header(courier_shared::embedded::CHECKSUM_HEADER), length)
             .await?;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
@@ -106,9 +104,7 @@ pub async fn download(
     let result = async {
         let attachment = signed_attachment(&state, "GET", &id, &signed).await?;
         let path = state.files.download_path(&attachment)?;
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|_| UploadError::NotFound)?;
+        let file = tokio::fs::File::open(path).await.map_err(|_| UploadError::NotFound)?;
         Ok::<_, UploadError>((attachment, file))
     };
     let (attachment, file) = match result.await {

@@ -126,11 +126,7 @@ impl Connections {
 #[async_trait]
 impl Push for Connections {
     async fn post(&self, connection: &ConnectionId, frame: &str) -> Result<Posted> {
-        Ok(if self.send(connection, Outbound::Text(frame.to_owned())) {
-            Posted::Sent
-        } else {
-            Posted::Gone
-        })
+        Ok(if self.send(connection, Outbound::Text(frame.to_owned())) { Posted::Sent } else { Posted::Gone })
     }
 
     async fn close(&self, connection: &ConnectionId) -> Result<()> {
@@ -155,13 +151,7 @@ impl Gateway {
         connections: Arc<Connections>,
         config: Config,
     ) -> Self {
-        Self {
-            courier,
-            verifier,
-            connections,
-            config,
-            clock: SystemClock,
-        }
+        Self { courier, verifier, connections, config, clock: SystemClock }
     }
 }
 
@@ -190,17 +180,13 @@ pub async fn upgrade(
 
     let mut request = ApiGatewayCustomAuthorizerRequestTypeRequest::default();
     request.type_ = Some("REQUEST".to_owned());
-    request.method_arn =
-        Some("arn:aws:execute-api:local:000000000000:courier/local/$connect".to_owned());
+    request.method_arn = Some("arn:aws:execute-api:local:000000000000:courier/local/$connect".to_owned());
     request.query_string_parameters = query.clone().into();
     let authorized = match handlers::authorizer(&gateway.verifier, &request) {
         Ok(authorized) => authorized,
         Err(e) => {
             tracing::debug!(reason = %e, "connection refused");
-            return (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(serde_json::json!({ "message": "Unauthorized" })),
-            )
+            return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({ "message": "Unauthorized" })))
                 .into_response();
         }
     };
@@ -215,11 +201,7 @@ pub async fn upgrade(
         connected_at: now,
         last_active_at: AtomicI64::new(now),
         source_ip: peer.ip().to_string(),
-        user_agent: headers
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
+        user_agent: headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned(),
     });
     // Registered before $connect runs so that no push in between is lost;
     // until the upgrade completes, frames wait in the outbox.
@@ -229,27 +211,23 @@ pub async fn upgrade(
     let answer = handlers::connect(&gateway.courier, event).await;
     if answer.status_code != 200 {
         gateway.connections.remove_if(&id, &connection);
-        let status = StatusCode::from_u16(answer.status_code as u16)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (
-            status,
-            axum::Json(serde_json::json!({ "message": status.canonical_reason() })),
-        )
+        let status =
+            StatusCode::from_u16(answer.status_code as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, axum::Json(serde_json::json!({ "message": status.canonical_reason() })))
             .into_response();
     }
 
     let limit = gateway.config.hard_frame_bytes;
-    let failed = (
-        gateway.clone(),
-        id.clone(),
-        connection.clone(),
-        context.clone(),
-    );
+    // Weak: axum keeps this callback until the socket ends, and a strong
+    // handle would keep the outbox open so the writer never finished.
+    let failed = (gateway.clone(), id.clone(), Arc::downgrade(&connection), context.clone());
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .on_failed_upgrade(move |_| {
             let (gateway, id, connection, context) = failed;
-            tokio::spawn(async move { hang_up(&gateway, &id, &connection, &context).await });
+            if let Some(connection) = connection.upgrade() {
+                tokio::spawn(async move { hang_up(&gateway, &id, &connection, &context).await });
+            }
         })
         .on_upgrade(move |socket| run(gateway, socket, id, connection, inbox, context))
 }
@@ -283,12 +261,7 @@ async fn run(
                 Outbound::Text(text) => sink.send(Message::Text(text.into())).await,
                 Outbound::Binary(bytes) => sink.send(Message::Binary(bytes.into())).await,
                 Outbound::Close(code, reason) => {
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        })))
-                        .await;
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
                     break;
                 }
             };
@@ -319,27 +292,20 @@ async fn run(
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 let inner = e.into_inner();
-                if matches!(
-                    inner.downcast_ref::<tungstenite::Error>(),
-                    Some(tungstenite::Error::Capacity(_))
-                ) {
+                if matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)))
+                {
                     close(1009, "frame too large");
                 }
                 break;
             }
             Ok(Some(Ok(frame))) => frame,
         };
-        connection
-            .last_active_at
-            .store(gateway.clock.now(), Ordering::Relaxed);
+        connection.last_active_at.store(gateway.clock.now(), Ordering::Relaxed);
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                let refusal = handlers::refusal(
-                    "",
-                    ErrorCode::BadRequest,
-                    "frames are JSON text, not binary",
-                );
+                let refusal =
+                    handlers::refusal("", ErrorCode::BadRequest, "frames are JSON text, not binary");
                 let _ = connection.outbox.try_send(Outbound::Text(refusal));
                 continue;
             }
@@ -348,29 +314,16 @@ async fn run(
         };
         let started = Instant::now();
         let reply = if !bucket.take() {
-            Some(handlers::refusal(
-                &text,
-                ErrorCode::RateLimited,
-                "rate limit reached: slow down",
-            ))
+            Some(handlers::refusal(&text, ErrorCode::RateLimited, "rate limit reached: slow down"))
         } else if text.len() > config.max_frame_bytes {
             let message = format!("a frame is at most {} bytes", config.max_frame_bytes);
             Some(handlers::refusal(&text, ErrorCode::LimitExceeded, &message))
         } else {
             let route = handlers::select_route(&text);
-            let event = handlers::ws_event(
-                route,
-                &id,
-                &context,
-                Some(text.to_string()),
-                gateway.clock.now(),
-            );
+            let event = handlers::ws_event(route, &id, &context, Some(text.to_string()), gateway.clock.now());
             body(handlers::route(&gateway.courier, event).await)
         };
-        tracing::trace!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "frame handled"
-        );
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "frame handled");
         if let Some(reply) = reply
             && connection.outbox.try_send(Outbound::Text(reply)).is_err()
         {

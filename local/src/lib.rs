@@ -40,15 +40,8 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     std::fs::create_dir_all(&config.data_dir)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = SqliteStore::open(
-        &config.data_dir.join("courier.db"),
-        config.durability,
-        clock.clone(),
-    )?;
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let files = FileBlobs::open(&config.data_dir.join("blobs"), &public_url)?;
     let connections = Arc::new(Connections::default());
     let ports = Ports {
@@ -63,12 +56,7 @@ pub async fn serve(
     };
     let courier = Arc::new(Courier::new(ports, config.limits.clone()));
     let verifier = Verifier::hs256(config.jwt_secret.as_bytes())?;
-    let gateway = Arc::new(Gateway::new(
-        courier.clone(),
-        verifier,
-        connections.clone(),
-        config.clone(),
-    ));
+    let gateway = Arc::new(Gateway::new(courier.clone(), verifier, connections.clone(), config.clone()));
 
     let background = [
         embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),
@@ -89,19 +77,13 @@ pub async fn serve(
             "/blobs/{id}",
             put(blobs::upload)
                 .get(blobs::download)
-                .with_state(blobs::BlobState {
-                    courier: courier.clone(),
-                    files,
-                }),
+                .with_state(blobs::BlobState { courier: courier.clone(), files }),
         );
 
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "courier-local listening");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
 
     tracing::info!("shutting down");
     connections.close_all(1001, "server shutting down");

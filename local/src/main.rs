@@ -11,10 +11,7 @@ use courier_shared::embedded::Durability;
 use courier_shared::ratelimit::RateLimit;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Courier on one machine: the WebSocket API, its management API and blob URLs"
-)]
+#[command(version, about = "Courier on one machine: the WebSocket API, its management API and blob URLs")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -29,12 +26,7 @@ struct Cli {
     #[arg(long, env = "COURIER_PUBLIC_URL")]
     public_url: Option<String>,
     /// `process`: a commit survives the process dying; `disk`: it is fsynced, surviving power loss too.
-    #[arg(
-        long,
-        env = "COURIER_DURABILITY",
-        value_enum,
-        default_value = "process"
-    )]
+    #[arg(long, env = "COURIER_DURABILITY", value_enum, default_value = "process")]
     durability: DurabilityArg,
     /// Seconds without a frame before a connection is closed.
     #[arg(long, env = "COURIER_IDLE_TIMEOUT", default_value_t = 600)]
@@ -74,18 +66,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Token { user, ttl }) = &cli.command {
         courier_shared::ids::UserId::try_from(user.as_str()).map_err(anyhow::Error::msg)?;
-        println!(
-            "{}",
-            courier_shared::auth::mint(cli.jwt_secret.as_bytes(), user, *ttl)
-        );
+        println!("{}", courier_shared::auth::mint(cli.jwt_secret.as_bytes(), user, *ttl));
         return Ok(());
     }
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
     let config = Config {
@@ -99,10 +87,7 @@ async fn main() -> anyhow::Result<()> {
         },
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         max_connection: Duration::from_secs(cli.max_connection),
-        rate_limit: RateLimit {
-            capacity: cli.rate_burst,
-            per_second: cli.rate_per_second,
-        },
+        rate_limit: RateLimit { capacity: cli.rate_burst, per_second: cli.rate_per_second },
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind(config.addr)

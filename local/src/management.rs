@@ -16,10 +16,7 @@ use crate::gateway::{Connections, Outbound};
 fn gone() -> Response {
     (
         StatusCode::GONE,
-        [
-            ("x-amzn-ErrorType", "GoneException"),
-            ("content-type", "application/json"),
-        ],
+        [("x-amzn-ErrorType", "GoneException"), ("content-type", "application/json")],
         r#"{"message":"the connection is gone"}"#,
     )
         .into_response()
@@ -40,18 +37,11 @@ pub async fn post_to_connection(
         Ok(text) => Outbound::Text(text),
         Err(e) => Outbound::Binary(e.into_bytes()),
     };
-    if connections.send(&id, frame) {
-        StatusCode::OK.into_response()
-    } else {
-        gone()
-    }
+    if connections.send(&id, frame) { StatusCode::OK.into_response() } else { gone() }
 }
 
 /// `GET /@connections/{id}`: when it connected, when it last spoke, and from where.
-pub async fn get_connection(
-    State(connections): State<Arc<Connections>>,
-    Path(id): Path<String>,
-) -> Response {
+pub async fn get_connection(State(connections): State<Arc<Connections>>, Path(id): Path<String>) -> Response {
     let Some(connection) = parse(id).and_then(|id| connections.get(&id)) else {
         return gone();
     };
@@ -103,13 +93,7 @@ mod tests {
     #[test]
     fn timestamps_are_iso8601_utc() {
         assert_eq!(super::iso8601(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            super::iso8601(1_709_210_096_123),
-            "2024-02-29T12:34:56.123Z"
-        );
-        assert_eq!(
-            super::iso8601(4_102_444_800_000),
-            "2100-01-01T00:00:00.000Z"
-        );
+        assert_eq!(super::iso8601(1_709_210_096_123), "2024-02-29T12:34:56.123Z");
+        assert_eq!(super::iso8601(4_102_444_800_000), "2100-01-01T00:00:00.000Z");
     }
 }

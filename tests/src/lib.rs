@@ -1,13 +1,19 @@
 //! The end-to-end harness: courier-local on a free port, in-process or as a
 //! real process, and connected clients speaking to it over real sockets.
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use courier_local::Config;
 use courier_shared::auth::{DEV_SECRET, mint};
-use courier_shared::client::{Client, ConnectError};
+use courier_shared::client::{CallError, Client, ConnectError};
+use courier_shared::protocol::AttachmentCreated;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 
@@ -37,10 +43,7 @@ impl Server {
     /// Starts with the default config changed by `tweak`, in a fresh data dir.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config {
-            data_dir: dir.path().to_owned(),
-            ..Config::default()
-        };
+        let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
         tweak(&mut config);
         let mut server = Self::start_in(config).await;
         server._dir = Some(dir);
@@ -49,9 +52,7 @@ impl Server {
 
     /// Starts on `config.data_dir` as it is (to test restarts).
     pub async fn start_in(config: Config) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(courier_local::serve(config.clone(), listener, async {
@@ -81,6 +82,19 @@ impl Server {
             .unwrap_or_else(|e| panic!("{user}/{device} could not connect: {e}"))
     }
 
+    /// The HTTP status of a WebSocket upgrade of `/?{query}`, sent by hand so
+    /// that the query can be anything (no deviceId, a malformed one...).
+    pub async fn upgrade_status(&self, query: &str) -> u16 {
+        upgrade_status(&self.http, query).await
+    }
+
+    /// The id of the connection (user, device) is bound to, as the
+    /// management API names it. courier-local tells no client its id, so
+    /// this reads the device row from the server's database.
+    pub fn connection_id(&self, user: &str, device: &str) -> Option<String> {
+        connection_id(&self.config.data_dir, user, device)
+    }
+
     /// Stops the server the way Ctrl-C does and waits for it to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -100,24 +114,25 @@ impl Drop for Server {
     }
 }
 
-/// The courier-local binary, built if it is not there yet.
+/// The courier-local binary, (re)built once per test process so that it is
+/// never older than the code under test.
 pub fn binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(build_binary).clone()
+}
+
+fn build_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = profile_dir.join(format!("courier-local{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let release = profile_dir.ends_with("release");
-        let mut build = std::process::Command::new(cargo);
-        build.args(["build", "-p", "courier-local"]);
-        if release {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().expect("cargo build").success(),
-            "building courier-local failed"
-        );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "courier-local", "--bin", "courier-local"]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
     }
+    assert!(build.status().expect("cargo build").success(), "building courier-local failed");
+    assert!(bin.exists(), "cargo built no {}", bin.display());
     bin
 }
 
@@ -155,15 +170,15 @@ impl Process {
         .expect("courier-local exited before listening");
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process {
-            url: format!("ws://{addr}"),
-            http: format!("http://{addr}"),
-            child,
-        }
+        Process { url: format!("ws://{addr}"), http: format!("http://{addr}"), child }
+    }
+
+    pub async fn try_connect(&self, user: &str, device: &str) -> Result<Client, ConnectError> {
+        Client::connect(&self.url, &mint(DEV_SECRET.as_bytes(), user, 3600), device).await
     }
 
     pub async fn connect(&self, user: &str, device: &str) -> Client {
-        Client::connect(&self.url, &mint(DEV_SECRET.as_bytes(), user, 3600), device)
+        self.try_connect(user, device)
             .await
             .unwrap_or_else(|e| panic!("{user}/{device} could not connect: {e}"))
     }
@@ -176,13 +191,90 @@ impl Process {
     /// SIGTERM, then waits for a clean exit.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("pid");
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill -TERM");
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill -TERM");
         tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .expect("exit in 10 s")
             .expect("wait")
+    }
+}
+
+/// Sends `GET /?{query}` as a WebSocket upgrade to the server at `http_base`
+/// and returns the status: 101 when upgraded, else the refusal.
+pub async fn upgrade_status(http_base: &str, query: &str) -> u16 {
+    let response = http::request(
+        "GET",
+        &format!("{http_base}/?{query}"),
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    )
+    .await
+    .expect("upgrade request");
+    response.status
+}
+
+/// The connection id bound to (user, device), read from the database in `data_dir`.
+pub fn connection_id(data_dir: &Path, user: &str, device: &str) -> Option<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        data_dir.join("courier.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open the server's database");
+    db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    db.query_row(
+        "SELECT connection_id FROM devices WHERE user_id = ?1 AND device_id = ?2",
+        [user, device],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .ok()
+    .flatten()
+}
+
+/// The error code of a call that must have failed.
+#[track_caller]
+pub fn code<T: std::fmt::Debug>(result: Result<T, CallError>) -> ErrorCode {
+    match result {
+        Ok(value) => panic!("expected a FAILURE, got SUCCESS: {value:?}"),
+        Err(CallError::Failure(body)) => body.code,
+        Err(other) => panic!("expected a FAILURE, got {other}"),
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes).as_slice())
+}
+
+/// PUTs `bytes` to a createAttachment's `uploadUrl` with exactly its `uploadHeaders`.
+pub async fn put_upload(created: &AttachmentCreated, bytes: &[u8]) -> http::Response {
+    let headers: Vec<(&str, &str)> =
+        created.upload_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    http::put(&created.upload_url, &headers, bytes).await.expect("PUT to uploadUrl")
+}
+
+/// Creates an attachment of `bytes`, uploads it and returns its id.
+pub async fn upload(client: &Client, content_type: &str, bytes: &[u8]) -> String {
+    let created = client
+        .create_attachment(content_type, bytes.len() as u64, &sha256_hex(bytes))
+        .await
+        .expect("createAttachment");
+    let response = put_upload(&created, bytes).await;
+    assert_eq!(response.status, 200, "upload refused: {}", response.text());
+    created.attachment_id.to_string()
+}
+
+/// The next pushed frame whose `type` is `ty`, skipping others.
+pub async fn next_of_type(client: &mut Client, ty: &str, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let frame = client.next_frame(left).await?;
+        if frame["type"] == ty {
+            return Some(frame);
+        }
     }
 }

@@ -18,25 +18,40 @@ pub trait Command: DeserializeOwned + Send + 'static {
     async fn run(self, courier: &Courier, caller: &Caller) -> Result<Self::Output>;
 }
 
-/// The body of every command handler.
-async fn handle<C: Command>(courier: &Courier, event: WsEvent) -> WsResponse {
-    let action = C::ACTION.name();
-    let head = match head(body_text(&event)) {
+/// The requestId, the caller and the typed command of an event, or the
+/// FAILURE that answers it.
+fn parse<C: DeserializeOwned>(
+    action: &str,
+    event: &WsEvent,
+) -> std::result::Result<(Option<String>, Caller, C), Box<WsResponse>> {
+    let head = match head(body_text(event)) {
         Ok(head) => head,
         Err((request_id, message, code)) => {
-            return reply(protocol::failure(action, request_id, code, message));
+            return Err(Box::new(reply(protocol::failure(action, request_id, code, message))));
         }
     };
     let request_id = head.request_id;
-    let caller = match caller(&event) {
+    let caller = match caller(event) {
         Ok(caller) => caller,
-        Err(e) => return error_reply(action, request_id, &e),
+        Err(e) => return Err(Box::new(error_reply(action, request_id, &e))),
     };
-    let command: C = match serde_json::from_str(body_text(&event).unwrap_or_default()) {
-        Ok(command) => command,
-        Err(e) => {
-            return reply(protocol::failure(action, request_id, ErrorCode::BadRequest, field_error(&e)));
-        }
+    match serde_json::from_str(body_text(event).unwrap_or_default()) {
+        Ok(command) => Ok((request_id, caller, command)),
+        Err(e) => Err(Box::new(reply(protocol::failure(
+            action,
+            request_id,
+            ErrorCode::BadRequest,
+            field_error(&e),
+        )))),
+    }
+}
+
+/// The body of every command handler.
+async fn handle<C: Command>(courier: &Courier, event: WsEvent) -> WsResponse {
+    let action = C::ACTION.name();
+    let (request_id, caller, command) = match parse::<C>(action, &event) {
+        Ok(parsed) => parsed,
+        Err(response) => return *response,
     };
     match command.run(courier, &caller).await {
         Ok(data) => reply(protocol::success(action, request_id, &data)),
@@ -112,8 +127,27 @@ command!(
     ack, protocol::Ack, Ack, protocol::Acked,
     |c, who, cmd| c.ack(who, cmd)
 );
-command!(
-    /// `removeDevice`
-    remove_device, protocol::RemoveDevice, RemoveDevice, protocol::Empty,
-    |c, who, cmd| async move { c.remove_device(who, &cmd.device_id).await.map(|()| protocol::Empty {}) }
-);
+/// `removeDevice`. Removing the device that asks closes this very
+/// connection, so the answer is pushed before the close rather than
+/// returned (a Lambda's route response would arrive after it).
+pub async fn remove_device(courier: &Courier, event: WsEvent) -> WsResponse {
+    let action = Action::RemoveDevice.name();
+    let (request_id, caller, command) = match parse::<protocol::RemoveDevice>(action, &event) {
+        Ok(parsed) => parsed,
+        Err(response) => return *response,
+    };
+    match courier.remove_device(&caller, &command.device_id).await {
+        Ok(None) => reply(protocol::success(action, request_id, &protocol::Empty {})),
+        Ok(Some(own)) => {
+            let frame = protocol::success(action, request_id, &protocol::Empty {});
+            if let Err(e) = courier.ports().push.post(&own, &frame).await {
+                tracing::warn!(error = %e, "answering removeDevice failed");
+            }
+            if let Err(e) = courier.ports().push.close(&own).await {
+                tracing::warn!(error = %e, "closing the removed device's connection failed");
+            }
+            super::status(200)
+        }
+        Err(e) => error_reply(action, request_id, &e),
+    }
+}

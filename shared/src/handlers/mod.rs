@@ -154,7 +154,15 @@ fn head(body: Option<&str>) -> Result<Head, (Option<String>, String, ErrorCode)>
         action: Option<Value>,
         request_id: Option<Value>,
     }
-    let raw: Raw = match serde_json::from_str(body.unwrap_or_default()) {
+    let body = body.unwrap_or_default();
+    // serde reads a struct from an array too; a frame must be an object.
+    let parsed = if body.trim_start().starts_with('{') {
+        serde_json::from_str::<Raw>(body)
+    } else {
+        serde_json::from_str::<serde::de::IgnoredAny>(body)
+            .and_then(|_| Err(serde::de::Error::custom("not an object")))
+    };
+    let raw = match parsed {
         Ok(raw) => raw,
         Err(e) if e.is_data() => {
             return Err((None, "a frame is one JSON object".into(), ErrorCode::BadRequest));

@@ -10,18 +10,20 @@ use crate::error::{Error, Result};
 use crate::ids::{ChatId, UserId};
 use crate::protocol::{ChatCreated, ChatList, CreateChat, ModifyChatParticipants, Operation, Participants};
 
-/// How often a participant change re-reads the chat after losing a race.
-const CONFLICT_RETRIES: usize = 8;
+/// How often a participant change re-reads the chat after losing a race:
+/// enough for every member of a full chat leaving at once.
+const CONFLICT_RETRIES: u32 = 128;
 
 impl Courier {
     #[instrument(skip_all, fields(user = %caller.user))]
     pub async fn create_chat(&self, caller: &Caller, cmd: CreateChat) -> Result<ChatCreated> {
         let chars = cmd.name.chars().count();
-        if chars == 0 || chars > self.limits.max_chat_name_chars {
-            return Err(Error::BadRequest(format!(
-                "name must be 1 to {} characters",
-                self.limits.max_chat_name_chars
-            )));
+        if chars == 0 {
+            return Err(Error::BadRequest("name must not be empty".into()));
+        }
+        if chars > self.limits.max_chat_name_chars {
+            let max = self.limits.max_chat_name_chars;
+            return Err(Error::LimitExceeded(format!("a chat name is at most {max} characters")));
         }
         let mut users: Vec<UserId> = Vec::with_capacity(cmd.participants.len() + 1);
         if !cmd.participants.contains(&caller.user) {
@@ -62,7 +64,12 @@ impl Courier {
         caller: &Caller,
         cmd: ModifyChatParticipants,
     ) -> Result<Participants> {
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
+            if attempt > 0 {
+                // Jittered backoff, so racing writers spread out rather than collide again.
+                let ceiling = 1u64 << attempt.min(5);
+                tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(0..=ceiling))).await;
+            }
             let mut chat = self.member_chat(caller, &cmd.chat_id).await?;
             let leaving = cmd.operation == Operation::Remove && cmd.user_id == caller.user;
             if !leaving && !chat.is_admin(&caller.user) {

@@ -44,13 +44,20 @@ impl Courier {
         self.ports.devices.disconnect(connection, self.now()).await
     }
 
+    /// Removes one of the caller's devices with its inbox and closes its
+    /// connection. When that is the very connection asking, the answer must
+    /// go out first: its closing is returned for the handler to do last.
     #[instrument(skip_all, fields(user = %caller.user, device = %device))]
-    pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<()> {
+    pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<Option<ConnectionId>> {
         let removed = self.ports.devices.remove_device(&caller.user, device).await?;
         let removed = removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;
-        if let Some(connection) = removed.connection {
-            self.ports.push.close(&connection).await?;
+        match removed.connection {
+            Some(connection) if connection == caller.connection => Ok(Some(connection)),
+            Some(connection) => {
+                self.ports.push.close(&connection).await?;
+                Ok(None)
+            }
+            None => Ok(None),
         }
-        Ok(())
     }
 }

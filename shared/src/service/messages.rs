@@ -8,7 +8,7 @@ use tracing::instrument;
 use super::Courier;
 use crate::domain::{Caller, Device, InboxKey};
 use crate::error::{Error, Result};
-use crate::ids::{ChatId, MessageId, UserId};
+use crate::ids::{AttachmentId, ChatId, MessageId, UserId};
 use crate::ports::{DedupeKey, Job, PushTarget, Store, StoredMessage};
 use crate::protocol::{Ack, Acked, Message, MessageSent, SendMessage, Sync, SyncPage};
 
@@ -34,8 +34,11 @@ impl Courier {
             )));
         }
         let dedupe = match cmd.client_message_id {
-            Some(id) if id.is_empty() || id.chars().count() > 64 => {
-                return Err(Error::BadRequest("clientMessageId must be 1 to 64 characters".into()));
+            Some(id) if id.is_empty() => {
+                return Err(Error::BadRequest("clientMessageId must not be empty".into()));
+            }
+            Some(id) if id.chars().count() > 64 => {
+                return Err(Error::LimitExceeded("clientMessageId is at most 64 characters".into()));
             }
             Some(id) => Some(DedupeKey {
                 user: caller.user.clone(),
@@ -69,19 +72,33 @@ impl Courier {
             fanned_out: false,
         };
         let expires_at = now + self.limits.retention_ms;
-        let outcome = self.ports.messages.store(&stored, dedupe.as_ref(), expires_at).await?;
-        if !message.attachments.is_empty() {
-            self.ports.attachments.link(&message.attachments, &chat.id).await?;
-        }
-        match outcome {
+        match self.ports.messages.store(&stored, dedupe.as_ref(), expires_at).await? {
             Store::Stored => {
+                // Shared before anyone is told of the message, so recipients can fetch them.
+                self.link_attachments(&message.attachments, &chat.id).await?;
                 let targets = push_targets(&stored.recipients, &devices);
                 self.fan_out(&stored, targets).await;
                 Ok(MessageSent { message_id: stored.id, timestamp: now })
             }
-            // A retry: the first attempt's fan-out (or the feed) covers delivery.
-            Store::Duplicate(first) => Ok(MessageSent { message_id: first.id, timestamp: first.timestamp }),
+            // A retry. It shares what the first send carried (which may have
+            // died before linking), never what the retry added; delivery is
+            // the first send's fan-out's, or the feed's.
+            Store::Duplicate(first) => {
+                if !first.fanned_out
+                    && let Ok(original) = serde_json::from_str::<Message>(&first.json)
+                {
+                    self.link_attachments(&original.attachments, &chat.id).await?;
+                }
+                Ok(MessageSent { message_id: first.id, timestamp: first.timestamp })
+            }
         }
+    }
+
+    async fn link_attachments(&self, ids: &[AttachmentId], chat: &ChatId) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.ports.attachments.link(ids, chat).await
     }
 
     /// Pushes to the recipients' live connections, inline for small fan-outs
@@ -174,12 +191,13 @@ impl Courier {
             }
             Some(n) => n,
         } as usize;
+        // A cursor is the last messageId of a page: anything else was not made by sync.
         let after = match cmd.cursor {
             None => None,
-            Some(c) => Some(
-                MessageId::try_from(c)
-                    .map_err(|_| Error::BadRequest("cursor is not one sync gave".into()))?,
-            ),
+            Some(c) if ulid::Ulid::from_string(&c).is_ok() => {
+                Some(MessageId::try_from(c).map_err(Error::BadRequest)?)
+            }
+            Some(_) => return Err(Error::BadRequest("cursor is not one that sync returned".into())),
         };
         let rows =
             self.ports.messages.inbox_page(&caller.inbox(), after.as_ref(), limit + 1, self.now()).await?;
