@@ -8,8 +8,22 @@ use courier_shared::domain::Limits;
 use courier_shared::embedded::Durability;
 use courier_shared::ratelimit::RateLimit;
 
+/// What the handlers run on.
+#[derive(Clone, Debug, Default)]
+pub enum Backend {
+    /// SQLite, files and in-process queues under the data dir.
+    #[default]
+    Embedded,
+    /// The deployed adapters, with resources named `{prefix}-chats`,
+    /// `{prefix}-jobs`... The SDK config comes from the environment
+    /// (`AWS_ENDPOINT_URL` pointing at moto, say) unless one is given.
+    #[cfg(feature = "aws")]
+    Aws { prefix: String, sdk: Option<Box<courier_shared::aws::aws_config::SdkConfig>> },
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
+    pub backend: Backend,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub jwt_secret: String,
@@ -31,6 +45,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            backend: Backend::default(),
             addr: ([127, 0, 0, 1], 3001).into(),
             data_dir: PathBuf::from(".courier"),
             jwt_secret: courier_shared::auth::DEV_SECRET.to_owned(),

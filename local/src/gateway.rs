@@ -41,6 +41,8 @@ pub enum Outbound {
 
 /// One live connection, as the management API sees it.
 pub struct Connection {
+    pub user: String,
+    pub device: String,
     outbox: mpsc::Sender<Outbound>,
     /// Wakes the socket task when the connection must end at once.
     kill: Arc<Notify>,
@@ -112,6 +114,11 @@ impl Connections {
         for id in ids {
             self.close(&id, code, reason);
         }
+    }
+
+    /// The live connection of one device, if any.
+    pub fn of_device(&self, user: &str, device: &str) -> Option<ConnectionId> {
+        self.lock().iter().find(|(_, c)| c.user == user && c.device == device).map(|(id, _)| id.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -195,7 +202,10 @@ pub async fn upgrade(
     let id = new_connection_id();
     let now = gateway.clock.now();
     let (outbox, inbox) = mpsc::channel(OUTBOX);
+    let field = |name: &str| context.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
     let connection = Arc::new(Connection {
+        user: field(handlers::AUTHORIZER_USER),
+        device: field(handlers::AUTHORIZER_DEVICE),
         outbox,
         kill: Arc::new(Notify::new()),
         connected_at: now,

@@ -6,6 +6,8 @@
 //! ([`blobs`]), over the embedded adapters (SQLite, files, in-process queue
 //! and feed). `serve` takes a bound listener, so tests start it on port 0.
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod blobs;
 pub mod config;
 pub mod gateway;
@@ -22,13 +24,81 @@ use courier_shared::auth::Verifier;
 use courier_shared::embedded::{self, FileBlobs, SqliteStore};
 use courier_shared::ports::{Clock, SystemClock};
 use courier_shared::{Courier, Ports};
+use tokio::task::JoinHandle;
 
-pub use config::Config;
-use gateway::{Connections, Gateway};
+pub use config::{Backend, Config};
+pub use gateway::Connections;
+use gateway::Gateway;
 
 /// How long the feed leaves a message to its send path before finishing its fan-out.
 const FEED_GRACE: Duration = Duration::from_secs(2);
 const CLEANUP_EVERY: Duration = Duration::from_secs(600);
+
+/// The service and what runs beside it, for one backend.
+struct Started {
+    courier: Arc<Courier>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Routes only this backend serves (the embedded blob URLs).
+    routes: Router,
+    store: Option<SqliteStore>,
+}
+
+/// The embedded backend: SQLite, files, the in-process queue and feed.
+fn embedded(
+    config: &Config,
+    public_url: &str,
+    push: Arc<Connections>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
+    let files = FileBlobs::open(&config.data_dir.join("blobs"), public_url)?;
+    let ports = Ports {
+        chats: Arc::new(store.clone()),
+        devices: Arc::new(store.clone()),
+        messages: Arc::new(store.clone()),
+        attachments: Arc::new(store.clone()),
+        blobs: Arc::new(files.clone()),
+        push,
+        jobs: Arc::new(store.clone()),
+        clock: clock.clone(),
+    };
+    let courier = Arc::new(Courier::new(ports, config.limits.clone()));
+    let tasks = vec![
+        embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),
+        embedded::spawn_feed(store.clone(), courier.clone(), clock, FEED_GRACE),
+        embedded::spawn_cleanup(courier.clone(), Some(files.clone()), CLEANUP_EVERY),
+    ];
+    let routes = Router::new().route(
+        "/blobs/{id}",
+        put(blobs::upload)
+            .get(blobs::download)
+            .with_state(blobs::BlobState { courier: courier.clone(), files }),
+    );
+    Ok(Started { courier, tasks, routes, store: Some(store) })
+}
+
+/// The AWS backend: the deployed adapters, with this process as API Gateway,
+/// the stream's and the queue's event source mappings.
+#[cfg(feature = "aws")]
+async fn on_aws(
+    config: &Config,
+    prefix: &str,
+    sdk: Option<courier_shared::aws::aws_config::SdkConfig>,
+    addr: SocketAddr,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Started> {
+    use courier_shared::aws::aws_config;
+    let sdk = match sdk {
+        Some(sdk) => sdk,
+        None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
+    };
+    let backend = aws::Backend::provision(&sdk, prefix, &format!("http://{addr}")).await?;
+    let courier = Arc::new(Courier::new(backend.ports(clock), config.limits.clone()));
+    let mut tasks = Vec::from(backend.spawn(courier.clone()));
+    tasks.push(embedded::spawn_cleanup(courier.clone(), None, CLEANUP_EVERY));
+    Ok(Started { courier, tasks, routes: Router::new(), store: None })
+}
 
 /// Serves Courier on `listener` until `shutdown` resolves, then closes every
 /// connection and lets the store commit what it holds.
@@ -37,35 +107,31 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
-    std::fs::create_dir_all(&config.data_dir)?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
-    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let files = FileBlobs::open(&config.data_dir.join("blobs"), &public_url)?;
-    let connections = Arc::new(Connections::default());
-    let ports = Ports {
-        chats: Arc::new(store.clone()),
-        devices: Arc::new(store.clone()),
-        messages: Arc::new(store.clone()),
-        attachments: Arc::new(store.clone()),
-        blobs: Arc::new(files.clone()),
-        push: connections.clone(),
-        jobs: Arc::new(store.clone()),
-        clock: clock.clone(),
-    };
-    let courier = Arc::new(Courier::new(ports, config.limits.clone()));
-    let verifier = Verifier::hs256(config.jwt_secret.as_bytes())?;
-    let gateway = Arc::new(Gateway::new(courier.clone(), verifier, connections.clone(), config.clone()));
+    serve_with(config, listener, Arc::default(), shutdown).await
+}
 
-    let background = [
-        embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),
-        embedded::spawn_feed(store.clone(), courier.clone(), clock.clone(), FEED_GRACE),
-        embedded::spawn_cleanup(courier.clone(), Some(files.clone()), CLEANUP_EVERY),
-    ];
+/// [`serve`], keeping its live connections in `connections`, which the
+/// caller may read (tests look up connection ids there).
+pub async fn serve_with(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    connections: Arc<Connections>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let started = match &config.backend {
+        Backend::Embedded => embedded(&config, &public_url, connections.clone(), clock)?,
+        #[cfg(feature = "aws")]
+        Backend::Aws { prefix, sdk } => on_aws(&config, prefix, sdk.as_deref().cloned(), addr, clock).await?,
+    };
+    let verifier = Verifier::hs256(config.jwt_secret.as_bytes())?;
+    let gateway =
+        Arc::new(Gateway::new(started.courier.clone(), verifier, connections.clone(), config.clone()));
 
     let app = Router::new()
-        .route("/", get(gateway::upgrade).with_state(gateway.clone()))
+        .route("/", get(gateway::upgrade).with_state(gateway))
         .route(
             "/@connections/{id}",
             get(management::get_connection)
@@ -73,14 +139,9 @@ pub async fn serve(
                 .delete(management::delete_connection)
                 .with_state(connections.clone()),
         )
-        .route(
-            "/blobs/{id}",
-            put(blobs::upload)
-                .get(blobs::download)
-                .with_state(blobs::BlobState { courier: courier.clone(), files }),
-        );
+        .merge(started.routes);
 
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "courier-local listening");
+    tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "courier-local listening");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -89,9 +150,11 @@ pub async fn serve(
     connections.close_all(1001, "server shutting down");
     // Give the socket tasks a moment to run their $disconnect.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    for task in background {
+    for task in started.tasks {
         task.abort();
     }
-    store.close();
+    if let Some(store) = started.store {
+        store.close();
+    }
     Ok(())
 }

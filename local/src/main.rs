@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use courier_local::Config;
+use courier_local::{Backend, Config};
 use courier_shared::embedded::Durability;
 use courier_shared::ratelimit::RateLimit;
 
@@ -15,6 +15,13 @@ use courier_shared::ratelimit::RateLimit;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `embedded` (SQLite and files) or `aws` (the deployed adapters against
+    /// AWS_ENDPOINT_URL, e.g. moto; needs the `aws` cargo feature).
+    #[arg(long, env = "COURIER_BACKEND", value_enum, default_value = "embedded")]
+    backend: BackendArg,
+    /// With `--backend aws`: the prefix of the tables, queues and bucket.
+    #[arg(long, env = "COURIER_AWS_PREFIX", default_value = "courier-local")]
+    aws_prefix: String,
     #[arg(long, env = "COURIER_ADDR", default_value = "127.0.0.1:3001")]
     addr: SocketAddr,
     #[arg(long, env = "COURIER_DATA_DIR", default_value = ".courier")]
@@ -56,6 +63,12 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Embedded,
+    Aws,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DurabilityArg {
     Process,
     Disk,
@@ -76,7 +89,20 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
+    let backend = match cli.backend {
+        BackendArg::Embedded => Backend::Embedded,
+        #[cfg(feature = "aws")]
+        BackendArg::Aws => Backend::Aws { prefix: cli.aws_prefix, sdk: None },
+        #[cfg(not(feature = "aws"))]
+        BackendArg::Aws => {
+            let _ = cli.aws_prefix;
+            anyhow::bail!(
+                "this build has no AWS backend: cargo run -p courier-local --features aws -- --backend aws"
+            )
+        }
+    };
     let config = Config {
+        backend,
         addr: cli.addr,
         data_dir: cli.data_dir,
         jwt_secret: cli.jwt_secret,

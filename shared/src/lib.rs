@@ -10,9 +10,12 @@
 //! | [`auth`] | JWT verification for $connect |
 //! | [`ratelimit`] | the per-connection token bucket |
 //! | [`embedded`] | adapters for one machine: SQLite tables, files, an in-process queue and feed |
+//! | `aws` | adapters for the deployed shape: DynamoDB, SQS, S3, API Gateway Management (feature `aws`) |
 //! | `client` | a typed WebSocket client for tests and the bench (feature `client`) |
 
 pub mod auth;
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod domain;
 pub mod embedded;
 pub mod error;

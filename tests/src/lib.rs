@@ -5,10 +5,11 @@ pub mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use courier_local::Config;
+use courier_local::{Backend, Config};
 use courier_shared::auth::{DEV_SECRET, mint};
 use courier_shared::client::{CallError, Client, ConnectError};
 use courier_shared::protocol::AttachmentCreated;
@@ -30,6 +31,7 @@ pub struct Server {
     pub url: String,
     pub http: String,
     pub config: Config,
+    connections: Arc<courier_local::Connections>,
     _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -40,10 +42,15 @@ impl Server {
         Self::start_with(|_| {}).await
     }
 
-    /// Starts with the default config changed by `tweak`, in a fresh data dir.
+    /// Starts with the default config changed by `tweak`, in a fresh data dir
+    /// (and, on the AWS backend, under fresh table names on the shared moto).
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+        if on_aws() {
+            let moto = courier_shared::aws::moto::shared().await;
+            config.backend = Backend::Aws { prefix: fresh_prefix(), sdk: Some(Box::new(moto.sdk_config())) };
+        }
         tweak(&mut config);
         let mut server = Self::start_in(config).await;
         server._dir = Some(dir);
@@ -55,13 +62,16 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(courier_local::serve(config.clone(), listener, async {
-            let _ = stopped.await;
-        }));
+        let connections = Arc::new(courier_local::Connections::default());
+        let task =
+            tokio::spawn(courier_local::serve_with(config.clone(), listener, connections.clone(), async {
+                let _ = stopped.await;
+            }));
         Server {
             url: format!("ws://{addr}"),
             http: format!("http://{addr}"),
             config,
+            connections,
             _dir: None,
             stop: Some(stop),
             task: Some(task),
@@ -92,7 +102,7 @@ impl Server {
     /// management API names it. courier-local tells no client its id, so
     /// this reads the device row from the server's database.
     pub fn connection_id(&self, user: &str, device: &str) -> Option<String> {
-        connection_id(&self.config.data_dir, user, device)
+        self.connections.of_device(user, device).map(String::from)
     }
 
     /// Stops the server the way Ctrl-C does and waits for it to finish.
@@ -114,6 +124,32 @@ impl Drop for Server {
     }
 }
 
+/// Whether this run drives the AWS backend (`COURIER_E2E_BACKEND=aws`: the
+/// deployed adapters against moto) rather than the embedded one.
+pub fn on_aws() -> bool {
+    std::env::var("COURIER_E2E_BACKEND").is_ok_and(|b| b == "aws")
+}
+
+/// True, with a note, when a check cannot run on the AWS backend because
+/// moto does not do what S3 does (it checks no presigned signature, length
+/// or checksum). The embedded backend runs every such check.
+pub fn moto_cannot_check(what: &str) -> bool {
+    if on_aws() {
+        eprintln!("not checked on the AWS backend: moto does not verify {what} (S3 does)");
+    }
+    on_aws()
+}
+
+/// A table-name prefix no other test uses.
+fn fresh_prefix() -> String {
+    format!("e2e{:016x}", rand_u64())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
 /// The courier-local binary, (re)built once per test process so that it is
 /// never older than the code under test.
 pub fn binary() -> PathBuf {
@@ -128,6 +164,9 @@ fn build_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "-p", "courier-local", "--bin", "courier-local"]);
+    if on_aws() {
+        build.args(["--features", "aws"]);
+    }
     if profile_dir.ends_with("release") {
         build.arg("--release");
     }
@@ -146,7 +185,24 @@ pub struct Process {
 impl Process {
     /// Starts the binary on a free port with its data in `data_dir`.
     pub async fn start(data_dir: &Path) -> Process {
-        let mut child = tokio::process::Command::new(binary())
+        let mut command = tokio::process::Command::new(binary());
+        if on_aws() {
+            // The same data dir means the same tables: a restart finds what the first run wrote.
+            let prefix = format!("proc{:016x}", {
+                use std::hash::BuildHasher;
+                std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(data_dir)
+            });
+            let moto = courier_shared::aws::moto::shared().await;
+            command
+                .env("COURIER_BACKEND", "aws")
+                .env("COURIER_AWS_PREFIX", prefix)
+                .env("AWS_ENDPOINT_URL", moto.endpoint())
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true");
+        }
+        let mut child = command
             .env("COURIER_ADDR", "127.0.0.1:0")
             .env("COURIER_DATA_DIR", data_dir)
             .env("COURIER_LOG", "info")
@@ -216,23 +272,6 @@ pub async fn upgrade_status(http_base: &str, query: &str) -> u16 {
     .await
     .expect("upgrade request");
     response.status
-}
-
-/// The connection id bound to (user, device), read from the database in `data_dir`.
-pub fn connection_id(data_dir: &Path, user: &str, device: &str) -> Option<String> {
-    let db = rusqlite::Connection::open_with_flags(
-        data_dir.join("courier.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open the server's database");
-    db.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
-    db.query_row(
-        "SELECT connection_id FROM devices WHERE user_id = ?1 AND device_id = ?2",
-        [user, device],
-        |r| r.get::<_, Option<String>>(0),
-    )
-    .ok()
-    .flatten()
 }
 
 /// The error code of a call that must have failed.

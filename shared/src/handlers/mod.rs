@@ -6,6 +6,8 @@
 
 mod commands;
 mod connection;
+#[cfg(feature = "aws")]
+mod events;
 
 use std::collections::HashMap;
 
@@ -21,6 +23,8 @@ pub use commands::{
 pub use connection::{
     AUTHORIZER_DEVICE, AUTHORIZER_USER, authorizer, authorizer_context, connect, default, disconnect,
 };
+#[cfg(feature = "aws")]
+pub use events::{cleanup, deliver, fanout};
 
 use crate::domain::Caller;
 use crate::error::Error;

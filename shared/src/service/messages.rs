@@ -158,6 +158,18 @@ impl Courier {
         self.ports.messages.mark_fanned_out(chat, id).await
     }
 
+    /// The stream's first look at a new message: one read, and if the send
+    /// path has not marked it done, a delayed job that finishes it.
+    pub async fn check_fanout_later(&self, chat: &ChatId, id: &MessageId, after: Duration) -> Result<()> {
+        match self.ports.messages.message(chat, id).await? {
+            Some(message) if !message.fanned_out => {
+                let job = Job::FinishFanout { chat_id: chat.clone(), message_id: id.clone() };
+                self.ports.jobs.enqueue(&job, after).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Runs one queued job. An `Err` that is retryable asks the queue to try again.
     pub async fn run_job(&self, job: &Job) -> Result<()> {
         match job {

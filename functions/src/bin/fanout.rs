@@ -1,0 +1,17 @@
+//! The Messages stream consumer: the fan-out safety net.
+
+use aws_lambda_events::dynamodb::Event;
+use aws_lambda_events::streams::DynamoDbEventResponse;
+use courier_shared::handlers;
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    courier_functions::init_tracing();
+    let courier = courier_functions::courier().await?;
+    let delay = courier_functions::fanout_check_delay();
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
+        Ok::<DynamoDbEventResponse, Error>(handlers::fanout(courier, event.payload, delay).await)
+    }))
+    .await
+}

@@ -1,0 +1,14 @@
+//! The `listChats` route of the WebSocket API.
+
+use courier_shared::handlers::{self, WsEvent, WsResponse};
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    courier_functions::init_tracing();
+    let courier = courier_functions::courier().await?;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<WsEvent>| async move {
+        Ok::<WsResponse, Error>(handlers::list_chats(courier, event.payload).await)
+    }))
+    .await
+}

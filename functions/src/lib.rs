@@ -1,0 +1,66 @@
+//! What every Courier Lambda shares: logging, and the service context built
+//! once at cold start from the environment `template.yaml` sets.
+
+use std::time::Duration;
+
+use courier_shared::auth::Verifier;
+use courier_shared::aws::Aws;
+use courier_shared::{Courier, Error};
+
+/// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_current_span(false)
+        .without_time() // CloudWatch stamps each line
+        .init();
+}
+
+/// The service over the AWS adapters, alive for the whole execution environment.
+pub async fn courier() -> Result<&'static Courier, Error> {
+    let aws = Aws::from_env().await?;
+    Ok(Box::leak(Box::new(Courier::new(aws.ports(), Default::default()))))
+}
+
+/// The token verifier of the authorizer: RS256/ES256 keys from the JWKS at
+/// `COURIER_JWKS_URL` (a Cognito user pool's, say), fetched once at cold
+/// start, or else an HS256 secret from `COURIER_JWT_SECRET`; with
+/// `COURIER_JWT_ISSUER` and `COURIER_JWT_AUDIENCE` checked when set.
+pub async fn verifier() -> Result<Verifier, Error> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut verifier = match (env("COURIER_JWKS_URL"), env("COURIER_JWT_SECRET")) {
+        (Some(url), _) => {
+            let fetch = async { reqwest::get(&url).await?.error_for_status()?.text().await };
+            let jwks = fetch.await.map_err(|e| Error::internal(format!("fetching the JWKS failed: {e}")))?;
+            Verifier::from_jwks(&jwks)?
+        }
+        (None, Some(secret)) => Verifier::hs256(secret.as_bytes())?,
+        (None, None) => {
+            return Err(Error::internal("set COURIER_JWKS_URL or COURIER_JWT_SECRET for the authorizer"));
+        }
+    };
+    if let Some(iss) = env("COURIER_JWT_ISSUER") {
+        verifier = verifier.with_issuer(&iss);
+    }
+    if let Some(aud) = env("COURIER_JWT_AUDIENCE") {
+        verifier = verifier.with_audience(&aud);
+    }
+    Ok(verifier)
+}
+
+/// How long `fanout` waits before checking a message the send path has not
+/// marked: longer than sendMessage's timeout (`COURIER_FANOUT_CHECK_SECONDS`).
+pub fn fanout_check_delay() -> Duration {
+    let secs = std::env::var("COURIER_FANOUT_CHECK_SECONDS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(secs.unwrap_or(60))
+}
+
+/// An error as the Lambda runtime reports it: `Retryable` when trying the
+/// same event again may succeed, `NonRetryable` otherwise.
+pub fn diagnostic(e: Error) -> lambda_runtime::Diagnostic {
+    let kind = if e.is_retryable() { "Retryable" } else { "NonRetryable" };
+    lambda_runtime::Diagnostic { error_type: kind.to_owned(), error_message: e.to_string() }
+}
