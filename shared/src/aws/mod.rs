@@ -5,6 +5,8 @@
 //! names `template.yaml` sets) and hands [`Aws::ports`] to the service.
 
 mod dynamo;
+#[cfg(test)]
+mod faults;
 #[cfg(all(feature = "aws", any(test, feature = "contract")))]
 pub mod moto;
 mod push;
@@ -148,21 +150,23 @@ impl Aws {
 }
 
 /// Maps an SDK error: throttling, timeouts and 5xx are worth a retry, the rest is a bug.
-pub(crate) fn sdk_error<E, R>(e: aws_sdk_dynamodb::error::SdkError<E, R>) -> Error
+pub(crate) fn sdk_error<E>(
+    e: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> Error
 where
     E: std::error::Error + Send + Sync + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     use aws_sdk_dynamodb::error::SdkError;
     let retryable = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
         SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
             let code = service.err().code().unwrap_or_default();
-            code.contains("Throttl")
+            status >= 500
+                || status == 429
+                || code.contains("Throttl")
                 || code.contains("ProvisionedThroughputExceeded")
                 || code == "RequestLimitExceeded"
-                || code == "InternalServerError"
-                || code == "ServiceUnavailable"
                 || code == "TransactionConflict"
         }
         _ => false,
