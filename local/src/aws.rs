@@ -14,7 +14,7 @@ use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use courier_shared::aws::aws_sdk_sqs::error::DisplayErrorContext;
 use courier_shared::aws::aws_sdk_sqs::types::QueueAttributeName;
-use courier_shared::aws::{Aws, Names, aws_config, schema};
+use courier_shared::aws::{Aws, Meter, Names, aws_config, schema};
 use courier_shared::handlers;
 use courier_shared::ports::Clock;
 use courier_shared::{Courier, Ports};
@@ -37,11 +37,13 @@ pub struct Backend {
 
 impl Backend {
     /// Creates (where missing) the tables, queues and bucket named with
-    /// `prefix`, and builds the clients. Pushes go to `connections_endpoint`.
+    /// `prefix`, and builds the clients, with `meter` on them if given.
+    /// Pushes go to `connections_endpoint`.
     pub async fn provision(
         config: &aws_config::SdkConfig,
         prefix: &str,
         connections_endpoint: &str,
+        meter: Option<&Meter>,
     ) -> anyhow::Result<Backend> {
         let sqs = courier_shared::aws::aws_sdk_sqs::Client::new(config);
         let dlq = sqs.create_queue().queue_name(format!("{prefix}-jobs-dlq")).send().await?;
@@ -63,7 +65,10 @@ impl Backend {
             .send()
             .await?;
         let names = Names::prefixed(prefix, queue.queue_url().unwrap_or_default(), connections_endpoint);
-        let aws = Aws::new(config, names);
+        let aws = match meter {
+            Some(meter) => Aws::with_meter(config, names, meter),
+            None => Aws::new(config, names),
+        };
         schema::create_tables(&aws.dynamodb, &aws.names).await?;
         if let Err(e) = aws.s3.create_bucket().bucket(&aws.names.media_bucket).send().await {
             let owned = e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you());

@@ -40,6 +40,9 @@ pub struct Config {
     pub hard_frame_bytes: usize,
     pub rate_limit: RateLimit,
     pub limits: Limits,
+    /// On the AWS backend, counts every request the AWS clients make (the cost tests read it).
+    #[cfg(feature = "aws")]
+    pub meter: Option<courier_shared::aws::Meter>,
 }
 
 impl Default for Config {
@@ -57,6 +60,8 @@ impl Default for Config {
             hard_frame_bytes: 1024 * 1024,
             rate_limit: RateLimit::default(),
             limits: Limits::default(),
+            #[cfg(feature = "aws")]
+            meter: None,
         }
     }
 }

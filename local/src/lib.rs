@@ -93,7 +93,8 @@ async fn on_aws(
         Some(sdk) => sdk,
         None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
     };
-    let backend = aws::Backend::provision(&sdk, prefix, &format!("http://{addr}")).await?;
+    let endpoint = format!("http://{addr}");
+    let backend = aws::Backend::provision(&sdk, prefix, &endpoint, config.meter.as_ref()).await?;
     let courier = Arc::new(Courier::new(backend.ports(clock), config.limits.clone()));
     let mut tasks = Vec::from(backend.spawn(courier.clone()));
     tasks.push(embedded::spawn_cleanup(courier.clone(), None, CLEANUP_EVERY));

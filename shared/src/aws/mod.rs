@@ -7,6 +7,7 @@
 mod dynamo;
 #[cfg(test)]
 mod faults;
+mod meter;
 #[cfg(all(feature = "aws", any(test, feature = "contract")))]
 pub mod moto;
 mod push;
@@ -17,6 +18,7 @@ mod sqs;
 use std::sync::Arc;
 
 pub use dynamo::DynamoTables;
+pub use meter::{Meter, Usage};
 pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
 pub use sqs::SqsJobs;
@@ -108,16 +110,35 @@ pub struct Aws {
 impl Aws {
     /// Builds the clients from an SDK config (which honours `AWS_ENDPOINT_URL`).
     pub fn new(config: &aws_config::SdkConfig, names: Names) -> Self {
-        let management = aws_sdk_apigatewaymanagement::config::Builder::from(config)
-            .endpoint_url(&names.connections_endpoint)
-            .build();
+        Self::build(config, names, None)
+    }
+
+    /// [`Aws::new`], with `meter` counting every request of every client
+    /// (for the cost tests, or an operator who wants per-invocation usage).
+    pub fn with_meter(config: &aws_config::SdkConfig, names: Names, meter: &Meter) -> Self {
+        meter.watch(&names);
+        Self::build(config, names, Some(meter))
+    }
+
+    fn build(config: &aws_config::SdkConfig, names: Names, meter: Option<&Meter>) -> Self {
+        use aws_sdk_dynamodb::config::SharedInterceptor;
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(config);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(config);
         // Path-style URLs, so presigned URLs work against emulators and dotted bucket names.
-        let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(true).build();
+        let mut s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(true);
+        let mut management = aws_sdk_apigatewaymanagement::config::Builder::from(config)
+            .endpoint_url(&names.connections_endpoint);
+        if let Some(interceptor) = meter.map(|m| SharedInterceptor::new(m.clone())) {
+            dynamodb.push_interceptor(interceptor.clone());
+            sqs.push_interceptor(interceptor.clone());
+            s3.push_interceptor(interceptor.clone());
+            management.push_interceptor(interceptor);
+        }
         Self {
-            dynamodb: aws_sdk_dynamodb::Client::new(config),
-            sqs: aws_sdk_sqs::Client::new(config),
-            s3: aws_sdk_s3::Client::from_conf(s3),
-            management: aws_sdk_apigatewaymanagement::Client::from_conf(management),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+            s3: aws_sdk_s3::Client::from_conf(s3.build()),
+            management: aws_sdk_apigatewaymanagement::Client::from_conf(management.build()),
             names,
         }
     }

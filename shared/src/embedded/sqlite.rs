@@ -879,6 +879,7 @@ mod tests {
             attachments: Arc::new(store.clone()),
         };
         contract::all(&tables).await;
+        contract::racing_devices(&tables).await;
     }
 
     #[tokio::test]
