@@ -1,0 +1,457 @@
+//! Every file in events/ through its function's handler, as the Lambda
+//! binary would run it, over the embedded adapters (SQLite in a temp dir,
+//! files for blobs, a push port that records). Each event is what AWS sends;
+//! each check is what that event asks for.
+//!
+//! The authorizer's token in events/authorizer.json and events/connect.json
+//! is an HS256 JWT for `alice` signed with [`EVENTS_SECRET`], valid until
+//! 2100: `cargo lambda invoke authorizer --data-file events/authorizer.json`
+//! works with `COURIER_JWT_SECRET=courier-events-secret`. Never deploy with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest;
+use aws_lambda_events::dynamodb::Event as StreamEvent;
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::eventbridge::EventBridgeEvent;
+use aws_lambda_events::sqs::SqsEvent;
+use base64::Engine;
+use courier_shared::auth::Verifier;
+use courier_shared::domain::{Chat, DAY_MS, InboxKey, Limits, Member, Millis};
+use courier_shared::embedded::{Durability, FileBlobs, SqliteStore};
+use courier_shared::handlers::{self, WsResponse};
+use courier_shared::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
+use courier_shared::ports::{Attachment, Clock, FakeClock, Posted, Push, StoredMessage};
+use courier_shared::{Courier, Ports};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::Digest;
+
+/// The test secret the authorizer event's token is signed with.
+const EVENTS_SECRET: &[u8] = b"courier-events-secret";
+/// When the events happen (2025-11-29T11:20:00Z); the clock runs a minute later.
+const T0: Millis = 1_764_415_200_000;
+/// The bytes whose size and SHA-256 events/create-attachment.json declares.
+const ATTACHMENT_BODY: &[u8] = b"courier attachment\n";
+
+fn event_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../events").join(format!("{name}.json"))
+}
+
+fn raw(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(event_path(name)).unwrap_or_else(|e| panic!("events/{name}.json: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("events/{name}.json is not JSON: {e}"))
+}
+
+/// An event file as the Lambda runtime hands it to the function.
+fn event<T: DeserializeOwned>(name: &str) -> T {
+    serde_json::from_value(raw(name))
+        .unwrap_or_else(|e| panic!("events/{name}.json is not the event its function takes: {e}"))
+}
+
+/// The frame a WebSocket event's body carries.
+fn frame(name: &str) -> Value {
+    let body = raw(name)["body"].as_str().map(str::to_owned).expect("a body");
+    serde_json::from_str(&body).expect("the body is a JSON frame")
+}
+
+fn user(s: &str) -> UserId {
+    UserId::try_from(s).unwrap()
+}
+
+fn device(s: &str) -> DeviceId {
+    DeviceId::try_from(s).unwrap()
+}
+
+fn connection(s: &str) -> ConnectionId {
+    ConnectionId::try_from(s).unwrap()
+}
+
+/// Records what the service pushes and closes.
+#[derive(Default)]
+struct Recorder {
+    posted: Mutex<Vec<(String, Value)>>,
+    closed: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Push for Recorder {
+    async fn post(&self, connection: &ConnectionId, frame: &str) -> courier_shared::Result<Posted> {
+        let frame = serde_json::from_str(frame).expect("pushes are JSON frames");
+        self.posted.lock().unwrap().push((connection.to_string(), frame));
+        Ok(Posted::Sent)
+    }
+
+    async fn close(&self, connection: &ConnectionId) -> courier_shared::Result<()> {
+        self.closed.lock().unwrap().push(connection.to_string());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn to(&self, connection: &str, kind: &str) -> Vec<Value> {
+        let posted = self.posted.lock().unwrap();
+        posted.iter().filter(|(c, f)| c == connection && f["type"] == kind).map(|(_, f)| f.clone()).collect()
+    }
+}
+
+/// A Courier over the embedded adapters, in its own temp dir.
+struct World {
+    courier: Courier,
+    store: SqliteStore,
+    blobs: FileBlobs,
+    push: Arc<Recorder>,
+    clock: Arc<FakeClock>,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        Self::at(T0 + 60_000)
+    }
+
+    fn at(now: Millis) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(FakeClock::at(now));
+        let store =
+            SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
+        let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
+        let push = Arc::new(Recorder::default());
+        let ports = Ports {
+            chats: Arc::new(store.clone()),
+            devices: Arc::new(store.clone()),
+            messages: Arc::new(store.clone()),
+            attachments: Arc::new(store.clone()),
+            blobs: Arc::new(blobs.clone()),
+            push: push.clone(),
+            jobs: Arc::new(store.clone()),
+            clock: clock.clone(),
+        };
+        World { courier: Courier::new(ports, Limits::default()), store, blobs, push, clock, _dir: dir }
+    }
+
+    /// The caller of every WebSocket event: alice on her phone, on this connection.
+    fn caller_connection(&self, name: &str) -> String {
+        raw(name)["requestContext"]["connectionId"].as_str().expect("a connectionId").to_owned()
+    }
+
+    async fn connect(&self, who: &str, on: &str, conn: &str) {
+        self.courier.connect(&user(who), &device(on), &connection(conn)).await.expect("connect");
+    }
+
+    /// The chat an event names, with alice (its admin) and bob in it.
+    async fn chat(&self, id: &str) -> Chat {
+        let chat = Chat {
+            id: ChatId::try_from(id).unwrap(),
+            name: "lunch".into(),
+            members: vec![
+                Member { user: user("alice"), joined_at: T0 - DAY_MS },
+                Member { user: user("bob"), joined_at: T0 - DAY_MS },
+            ],
+            admins: vec![user("alice")],
+            created_at: T0 - DAY_MS,
+            version: 0,
+        };
+        self.courier.ports().chats.create_chat(&chat).await.expect("create the chat");
+        chat
+    }
+
+    /// The message events/fanout.json streams, unmarked, in alice's phone's inbox.
+    async fn message(&self) -> StoredMessage {
+        let image = &raw("fanout")["Records"][0]["dynamodb"]["NewImage"];
+        let wire = image["body"]["S"].as_str().expect("the message body");
+        let parsed: Value = serde_json::from_str(wire).unwrap();
+        let message = StoredMessage {
+            chat: ChatId::try_from(image["chatId"]["S"].as_str().unwrap()).unwrap(),
+            id: MessageId::try_from(image["messageId"]["S"].as_str().unwrap()).unwrap(),
+            timestamp: parsed["timestamp"].as_i64().unwrap(),
+            json: wire.to_owned(),
+            recipients: vec![InboxKey::Device(user("alice"), device("phone"))],
+            fanned_out: false,
+        };
+        let expires = message.timestamp + 30 * DAY_MS;
+        self.courier.ports().messages.store(&message, None, expires).await.expect("store the message");
+        message
+    }
+}
+
+/// The frame a route response carries back to the client.
+fn answer(response: &WsResponse) -> Value {
+    assert_eq!(response.status_code, 200, "a route response that reaches the client");
+    match &response.body {
+        Some(Body::Text(text)) => serde_json::from_str(text).expect("the answer is a JSON frame"),
+        other => panic!("the route response carries no text frame: {other:?}"),
+    }
+}
+
+/// The answer to a command event: a response to its action and requestId,
+/// SUCCESS, and its data.
+fn success(name: &str, response: &WsResponse) -> Value {
+    let answer = answer(response);
+    let asked = frame(name);
+    assert_eq!(answer["type"], "response", "{name}: {answer}");
+    assert_eq!(answer["action"], asked["action"], "{name}: {answer}");
+    assert_eq!(answer["requestId"], asked["requestId"], "{name}: {answer}");
+    assert_eq!(answer["status"], "SUCCESS", "{name}: {answer}");
+    answer["data"].clone()
+}
+
+fn is_ulid(value: &Value) -> bool {
+    value.as_str().is_some_and(|s| s.len() == 26 && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+#[test]
+fn the_authorizer_event_names_alice_and_her_device() {
+    let request: ApiGatewayCustomAuthorizerRequestTypeRequest = event("authorizer");
+    let verifier = Verifier::hs256(EVENTS_SECRET).unwrap();
+    let response =
+        handlers::authorizer(&verifier, &request).expect("the token in events/authorizer.json is valid");
+    assert_eq!(response.principal_id.as_deref(), Some("alice"));
+    let statement = &response.policy_document.statement[0];
+    assert_eq!(statement.action, ["execute-api:Invoke"]);
+    assert_eq!(statement.resource, [request.method_arn.clone().unwrap()], "allowed on this very $connect");
+    let context = handlers::authorizer_context(&response);
+    assert_eq!(context["userId"], "alice");
+    assert_eq!(context["deviceId"], "phone");
+
+    // What the routes' events carry is what the authorizer returns (plus API Gateway's latency).
+    for name in ["connect", "disconnect", "send-message", "sync"] {
+        let carried = raw(name)["requestContext"]["authorizer"].clone();
+        for (key, value) in &context {
+            assert_eq!(&carried[key], value, "events/{name}.json's authorizer context");
+        }
+    }
+
+    let other = Verifier::hs256(b"some other secret").unwrap();
+    assert!(handlers::authorizer(&other, &request).is_err(), "a token is checked against the secret");
+}
+
+#[tokio::test]
+async fn connect_registers_the_device() {
+    let w = World::new();
+    let response = handlers::connect(&w.courier, event("connect")).await;
+    assert_eq!(response.status_code, 200, "connected");
+    let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].id.as_str(), "phone");
+    assert_eq!(devices[0].connection.as_ref().map(|c| c.to_string()), Some(w.caller_connection("connect")));
+}
+
+#[tokio::test]
+async fn disconnect_unbinds_the_connection() {
+    let w = World::new();
+    w.connect("alice", "phone", &w.caller_connection("disconnect")).await;
+    let response = handlers::disconnect(&w.courier, event("disconnect")).await;
+    assert_eq!(response.status_code, 200);
+    let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
+    assert_eq!(devices[0].connection, None, "the device has no live connection any more");
+}
+
+#[tokio::test]
+async fn default_answers_an_unknown_action() {
+    let answer = answer(&handlers::default(event("default")).await);
+    let asked = frame("default");
+    assert_eq!(answer["status"], "FAILURE");
+    assert_eq!(answer["error"]["code"], "UNKNOWN_ACTION");
+    assert_eq!(answer["action"], asked["action"]);
+    assert_eq!(answer["requestId"], asked["requestId"]);
+}
+
+#[tokio::test]
+async fn create_chat_makes_the_chat_and_tells_its_participants() {
+    let w = World::new();
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let data = success("create-chat", &handlers::create_chat(&w.courier, event("create-chat")).await);
+    assert!(is_ulid(&data["chatId"]), "{data}");
+    let chats = w.courier.ports().chats.chats_of(&user("bob")).await.unwrap();
+    assert_eq!(chats.len(), 1);
+    assert_eq!(chats[0].id.as_str(), data["chatId"].as_str().unwrap());
+    assert_eq!(chats[0].participants(), [user("alice"), user("bob")]);
+    assert_eq!(w.push.to("bob-laptop", "chatUpdate").len(), 1, "bob's connected device hears of it");
+}
+
+#[tokio::test]
+async fn send_message_stores_and_pushes() {
+    let w = World::new();
+    let asked = frame("send-message");
+    w.chat(asked["chatId"].as_str().unwrap()).await;
+    w.connect("alice", "phone", &w.caller_connection("send-message")).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let data = success("send-message", &handlers::send_message(&w.courier, event("send-message")).await);
+    assert!(is_ulid(&data["messageId"]) && data["timestamp"].is_i64(), "{data}");
+    let pushed = w.push.to("bob-laptop", "newMessage");
+    assert_eq!(pushed.len(), 1, "bob's laptop gets it at once");
+    assert_eq!(pushed[0]["message"], asked["message"]);
+    assert_eq!(pushed[0]["messageId"], data["messageId"]);
+    assert!(
+        w.push.to(&w.caller_connection("send-message"), "newMessage").is_empty(),
+        "not the sending device"
+    );
+    let inbox = InboxKey::Device(user("bob"), device("laptop"));
+    let held = w.courier.ports().messages.inbox_page(&inbox, None, 10, w.clock.now()).await.unwrap();
+    assert_eq!(held.len(), 1, "and it waits in bob's inbox until acked");
+
+    // The same event again (a retry) is the same message, delivered once.
+    let again = success("send-message", &handlers::send_message(&w.courier, event("send-message")).await);
+    assert_eq!(again["messageId"], data["messageId"], "clientMessageId makes a retry harmless");
+    assert_eq!(w.push.to("bob-laptop", "newMessage").len(), 1);
+}
+
+#[tokio::test]
+async fn create_attachment_presigns_an_upload() {
+    let w = World::new();
+    let asked = frame("create-attachment");
+    let data = success(
+        "create-attachment",
+        &handlers::create_attachment(&w.courier, event("create-attachment")).await,
+    );
+    assert!(is_ulid(&data["attachmentId"]), "{data}");
+    assert!(data["uploadUrl"].as_str().is_some_and(|u| u.starts_with("http://blobs.test/")), "{data}");
+    assert!(data["uploadHeaders"]["x-amz-checksum-sha256"].is_string(), "{data}");
+    assert!(data["expiresAt"].as_i64().is_some_and(|t| t > w.clock.now()), "{data}");
+    assert_eq!(asked["size"].as_u64(), Some(ATTACHMENT_BODY.len() as u64), "the body this test uploads");
+    assert_eq!(
+        asked["sha256"],
+        hex::encode(sha2::Sha256::digest(ATTACHMENT_BODY)),
+        "the body this test uploads"
+    );
+}
+
+#[tokio::test]
+async fn get_attachment_presigns_a_download_of_an_upload() {
+    let w = World::new();
+    let declared = frame("create-attachment");
+    let attachment = Attachment {
+        id: AttachmentId::try_from(frame("get-attachment")["attachmentId"].as_str().unwrap()).unwrap(),
+        uploader: user("alice"),
+        content_type: declared["contentType"].as_str().unwrap().to_owned(),
+        size: ATTACHMENT_BODY.len() as u64,
+        sha256: declared["sha256"].as_str().unwrap().to_owned(),
+        created_at: T0,
+    };
+    w.courier.ports().attachments.put_attachment(&attachment).await.unwrap();
+    let checksum = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(ATTACHMENT_BODY));
+    let mut upload =
+        w.blobs.begin_upload(&attachment, Some(&checksum), Some(attachment.size)).await.expect("upload");
+    upload.write(ATTACHMENT_BODY).await.unwrap();
+    upload.finish().await.unwrap();
+
+    let data =
+        success("get-attachment", &handlers::get_attachment(&w.courier, event("get-attachment")).await);
+    assert_eq!(data["attachmentId"], attachment.id.as_str());
+    assert!(data["downloadUrl"].as_str().is_some_and(|u| u.starts_with("http://blobs.test/")), "{data}");
+    assert_eq!(data["contentType"], attachment.content_type);
+    assert_eq!(data["size"], attachment.size);
+    assert_eq!(data["sha256"], attachment.sha256);
+}
+
+#[tokio::test]
+async fn modify_chat_participants_adds_carol() {
+    let w = World::new();
+    let asked = frame("modify-chat-participants");
+    w.chat(asked["chatId"].as_str().unwrap()).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let response = handlers::modify_chat_participants(&w.courier, event("modify-chat-participants")).await;
+    let data = success("modify-chat-participants", &response);
+    assert_eq!(data["participants"], json!(["alice", "bob", asked["userId"]]));
+    assert_eq!(w.push.to("bob-laptop", "chatUpdate").len(), 1, "participants hear of the change");
+}
+
+#[tokio::test]
+async fn list_chats_lists_the_callers_chats() {
+    let w = World::new();
+    let chat = w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    let data = success("list-chats", &handlers::list_chats(&w.courier, event("list-chats")).await);
+    assert_eq!(
+        data["chats"],
+        json!([{"chatId": chat.id.as_str(), "name": chat.name, "participants": ["alice", "bob"], "admins": ["alice"]}])
+    );
+}
+
+#[tokio::test]
+async fn sync_returns_a_page_of_the_inbox() {
+    let w = World::new();
+    let message = w.message().await;
+    let data = success("sync", &handlers::sync(&w.courier, event("sync")).await);
+    let messages = data["messages"].as_array().expect("a page");
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["messageId"], message.id.as_str());
+    assert_eq!(data["cursor"], Value::Null, "the inbox read to its end");
+}
+
+#[tokio::test]
+async fn ack_removes_from_the_inbox() {
+    let w = World::new();
+    let message = w.message().await;
+    assert_eq!(frame("ack")["messageIds"], json!([message.id.as_str()]));
+    let data = success("ack", &handlers::ack(&w.courier, event("ack")).await);
+    assert_eq!(data["acked"], 1);
+    let page = success("sync", &handlers::sync(&w.courier, event("sync")).await);
+    assert_eq!(page["messages"], json!([]), "never seen again");
+}
+
+#[tokio::test]
+async fn remove_device_removes_another_device_and_closes_it() {
+    let w = World::new();
+    w.connect("alice", "phone", &w.caller_connection("remove-device")).await;
+    w.connect("alice", "tablet", "alice-tablet").await;
+    assert_eq!(frame("remove-device")["deviceId"], "tablet");
+    let data = success("remove-device", &handlers::remove_device(&w.courier, event("remove-device")).await);
+    assert_eq!(data, json!({}));
+    assert_eq!(*w.push.closed.lock().unwrap(), ["alice-tablet"]);
+    let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
+    assert_eq!(devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["phone"]);
+}
+
+#[tokio::test]
+async fn fanout_schedules_a_check_of_an_unmarked_message() {
+    let w = World::new();
+    let message = w.message().await;
+    let response = handlers::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let jobs = w.store.due_jobs(10).await.unwrap();
+    assert_eq!(jobs.len(), 1, "one delayed check");
+    let job = serde_json::to_value(&jobs[0].2).unwrap();
+    assert_eq!(
+        job,
+        json!({"job": "finishFanout", "chatId": message.chat.as_str(), "messageId": message.id.as_str()})
+    );
+
+    // Once the send path has marked it, the stream costs one read and nothing more.
+    w.courier.ports().messages.mark_fanned_out(&message.chat, &message.id).await.unwrap();
+    w.store.complete_job(jobs[0].0).await.unwrap();
+    let response = handlers::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
+    assert!(response.batch_item_failures.is_empty());
+    assert!(w.store.due_jobs(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deliver_pushes_the_job_to_inboxes_still_holding_it() {
+    let w = World::new();
+    let message = w.message().await;
+    let sqs: SqsEvent = event("deliver");
+    let job: Value = serde_json::from_str(sqs.records[0].body.as_deref().unwrap()).unwrap();
+    let target = job["targets"][0]["connectionId"].as_str().unwrap().to_owned();
+    w.connect("alice", "phone", &target).await;
+    let response = handlers::deliver(&w.courier, sqs).await;
+    assert!(response.batch_item_failures.is_empty(), "{response:?}");
+    let pushed = w.push.to(&target, "newMessage");
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0]["messageId"], message.id.as_str());
+}
+
+#[tokio::test]
+async fn cleanup_expires_devices_unseen_for_30_days() {
+    let w = World::at(T0 - 31 * DAY_MS);
+    w.connect("carol", "old-phone", "carol-old").await;
+    w.courier.disconnect(&connection("carol-old")).await.unwrap();
+    w.clock.advance(31 * DAY_MS + 60_000);
+    let _: EventBridgeEvent = event("cleanup");
+    handlers::cleanup(&w.courier).await.expect("cleanup");
+    let devices = w.courier.ports().devices.devices_of(&[user("carol")], 0).await.unwrap();
+    assert!(devices.is_empty(), "the device is gone: {devices:?}");
+}

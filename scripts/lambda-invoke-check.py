@@ -1,0 +1,608 @@
+"""Helper of scripts/lambda-invoke-check: the parts that speak AWS's APIs.
+
+    provision  create what template.yaml declares (tables, queues, bucket) on
+               moto, and write the environment the template gives the functions
+    connections  serve a stand-in @connections management API that records pushes
+    run        invoke every function with its events/<function>.json through
+               `cargo lambda invoke`, seeding what the fixed ids in the events
+               name, and check each answer; the functions reach moto through a
+               proxy that records each AWS call, and every call a function made
+               must be one that template.yaml grants that function
+
+Run by scripts/lambda-invoke-check with the venv's python (boto3 and PyYAML
+come with moto and cfn-lint). Standard library otherwise.
+"""
+
+import argparse
+import fnmatch
+import http.client
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.parse
+import urllib.request
+
+import boto3
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "courier-check"
+# The HS256 secret events/authorizer.json's token is signed with (never deploy with it).
+EVENTS_SECRET = "courier-events-secret"
+ATTACHMENT_BODY = b"courier attachment\n"
+
+
+# ------------------------------------------------------------------ template
+
+
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short forms read as long ones (!Ref X -> {"Ref": "X"})."""
+
+
+def _short_form(loader, suffix, node):
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {"Fn::" + suffix: value}
+
+
+CfnLoader.add_multi_constructor("!", _short_form)
+
+
+def template():
+    with open(os.path.join(ROOT, "template.yaml")) as f:
+        return yaml.load(f, Loader=CfnLoader)
+
+
+def client(service, endpoint):
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+# ------------------------------------------------------------------ provision
+
+
+def provision(args):
+    t = template()
+    resources = t["Resources"]
+    ddb = client("dynamodb", args.endpoint)
+    sqs = client("sqs", args.endpoint)
+    s3 = client("s3", args.endpoint)
+    names = {}  # logical id -> what !Ref gives
+
+    for logical, r in resources.items():
+        if r["Type"] != "AWS::DynamoDB::Table":
+            continue
+        p = r["Properties"]
+        name = f"{PREFIX}-{logical}"
+        create = dict(
+            TableName=name,
+            KeySchema=p["KeySchema"],
+            AttributeDefinitions=p["AttributeDefinitions"],
+            BillingMode=p["BillingMode"],
+        )
+        if "GlobalSecondaryIndexes" in p:
+            create["GlobalSecondaryIndexes"] = p["GlobalSecondaryIndexes"]
+        if "StreamSpecification" in p:
+            create["StreamSpecification"] = {"StreamEnabled": True, **p["StreamSpecification"]}
+        ddb.create_table(**create)
+        if "TimeToLiveSpecification" in p:
+            ddb.update_time_to_live(TableName=name, TimeToLiveSpecification=p["TimeToLiveSpecification"])
+        names[logical] = name
+
+    queues = [logical for logical, r in resources.items() if r["Type"] == "AWS::SQS::Queue"]
+    # Dead-letter queues first: the others name them.
+    queues.sort(key=lambda q: "RedrivePolicy" in resources[q]["Properties"])
+    arns = {}
+    for logical in queues:
+        p = resources[logical]["Properties"]
+        attributes = {}
+        if "VisibilityTimeout" in p:
+            attributes["VisibilityTimeout"] = str(p["VisibilityTimeout"])
+        if "RedrivePolicy" in p:
+            dlq = p["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+            redrive = {"deadLetterTargetArn": arns[dlq], "maxReceiveCount": p["RedrivePolicy"]["maxReceiveCount"]}
+            attributes["RedrivePolicy"] = json.dumps(redrive)
+        url = sqs.create_queue(QueueName=f"{PREFIX}-{logical}", Attributes=attributes)["QueueUrl"]
+        arns[logical] = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        names[logical] = url
+
+    for logical, r in resources.items():
+        if r["Type"] == "AWS::S3::Bucket":
+            name = f"{PREFIX}-{logical.lower()}"
+            s3.create_bucket(Bucket=name)
+            names[logical] = name
+
+    # The functions' environment as the template sets it, resolved against moto.
+    params = {k: str(v.get("Default", "")) for k, v in t["Parameters"].items()}
+    params["StageName"] = "check"
+    env = {}
+    variables = dict(t["Globals"]["Function"]["Environment"]["Variables"])
+    for r in resources.values():
+        if r["Type"] == "AWS::Serverless::Function":
+            variables.update(r["Properties"].get("Environment", {}).get("Variables", {}))
+    for var, value in variables.items():
+        if isinstance(value, str):
+            env[var] = value
+        elif "Ref" in value:
+            ref = value["Ref"]
+            env[var] = names[ref] if ref in names else params[ref]
+        elif var == "COURIER_CONNECTIONS_ENDPOINT":
+            env[var] = f"{args.connections}/{params['StageName']}"
+        elif var == "COURIER_JWT_SECRET":
+            env[var] = EVENTS_SECRET
+        else:
+            sys.exit(f"provision: no local value for {var} = {value}")
+    env["RUST_LOG"] = "info"
+    env.update(
+        AWS_ENDPOINT_URL=args.functions_endpoint,
+        AWS_REGION="us-east-1",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    with open(args.env_file, "w") as f:
+        for k, v in sorted(env.items()):
+            f.write(f"{k}={v}\n")
+    with open(args.names_file, "w") as f:
+        json.dump(names, f, indent=2)
+    print(f"provisioned {len(names)} resources on {args.endpoint}")
+
+
+# ---------------------------------------------------------------- connections
+
+
+class Connections(http.server.BaseHTTPRequestHandler):
+    """API Gateway's @connections API, as far as PostToConnection and DeleteConnection go."""
+
+    log_path = None
+
+    def _record(self, status):
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length).decode() if length else ""
+        # The SDK percent-encodes the id (API Gateway's end in "=").
+        connection = urllib.parse.unquote(self.path.split("/@connections/", 1)[-1])
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"method": self.command, "connection": connection, "body": body}) + "\n")
+        self.send_response(status)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self._record(200)
+
+    def do_DELETE(self):
+        self._record(204)
+
+    def log_message(self, *args):
+        pass
+
+
+def connections(args):
+    Connections.log_path = args.log
+    open(args.log, "w").close()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Connections)
+    server.serve_forever()
+
+
+# ------------------------------------------------------------ recorded calls
+
+
+class Calls:
+    """The AWS calls each function made, as IAM sees them: (action, resource)."""
+
+    def __init__(self, names):
+        self.lock = threading.Lock()
+        self.current = None  # the function being invoked; None while this script seeds
+        self.by_function = {}
+        # Physical names back to logical ids.
+        self.logical = {}
+        for logical, name in names.items():
+            self.logical[name] = logical
+            self.logical[name.rstrip("/").rsplit("/", 1)[-1]] = logical
+
+    def add(self, action, resource):
+        with self.lock:
+            if self.current is not None:
+                self.by_function.setdefault(self.current, set()).add((action, resource))
+
+    def table(self, name, index=None):
+        logical = self.logical.get(name, name)
+        return f"{logical}/index/{index}" if index else logical
+
+    def record(self, method, path, headers, body):
+        target = headers.get("x-amz-target", "")
+        if target.startswith("DynamoDB_"):
+            operation = target.split(".", 1)[1]
+            request = json.loads(body or b"{}")
+            if operation in ("BatchGetItem", "BatchWriteItem"):
+                for name in request.get("RequestItems", {}):
+                    self.add(f"dynamodb:{operation}", self.table(name))
+            elif operation in ("TransactWriteItems", "TransactGetItems"):
+                # Authorized per item, as the item's own action.
+                item_action = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
+                               "ConditionCheck": "ConditionCheckItem", "Get": "GetItem"}
+                for item in request.get("TransactItems", []):
+                    for kind, spec in item.items():
+                        self.add(f"dynamodb:{item_action[kind]}", self.table(spec["TableName"]))
+            else:
+                self.add(f"dynamodb:{operation}", self.table(request["TableName"], request.get("IndexName")))
+        elif target.startswith("AmazonSQS."):
+            request = json.loads(body or b"{}")
+            self.add(f"sqs:{target.split('.', 1)[1]}", self.logical.get(request.get("QueueUrl"), "?"))
+        else:
+            # S3, path-style: /bucket/key. HeadObject is authorized as s3:GetObject.
+            bucket, _, key = urllib.parse.urlparse(path).path.lstrip("/").partition("/")
+            action = {"HEAD": "GetObject", "GET": "GetObject" if key else "ListBucket",
+                      "PUT": "PutObject", "DELETE": "DeleteObject"}.get(method, method)
+            resource = self.logical.get(bucket, bucket) + (f"/{urllib.parse.unquote(key)}" if key else "")
+            self.add(f"s3:{action}", resource)
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    """Forwards the functions' AWS requests to moto, recording each."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = None  # (host, port)
+    calls = None
+
+    def _forward(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.calls.record(self.command, self.path, headers, body)
+        upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        response = upstream.getresponse()
+        payload = response.read()
+        self.send_response(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                self.send_header(name, value)
+        declared = response.getheader("content-length")
+        length = declared if self.command == "HEAD" and declared else str(len(payload))
+        self.send_header("content-length", length)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+def granted(t):
+    """Each function's grants: {function logical id: {(action, resource pattern)}}."""
+
+    def resource_of(r):
+        if isinstance(r, str):
+            return r
+        if "Fn::GetAtt" in r:
+            logical, attribute = r["Fn::GetAtt"]
+            return logical if attribute == "Arn" else f"{logical}/stream"
+        sub = r["Fn::Sub"]
+        if "@connections" in sub:
+            # .../${WebSocketApi}/${StageName}/POST/@connections/* -> @connections/POST
+            return "@connections/" + sub.split("/")[-3]
+        logical = sub.split("${", 1)[1].split(".", 1)[0]
+        return logical + sub.split("}", 1)[1]
+
+    grants = {}
+    for logical, r in t["Resources"].items():
+        if r["Type"] != "AWS::Serverless::Function":
+            continue
+        pairs = grants.setdefault(logical, set())
+        for policy in r["Properties"].get("Policies", []):
+            for statement in policy["Statement"]:
+                actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+                resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+                pairs.update((a, resource_of(res)) for a in actions for res in resources)
+    return grants
+
+
+def function_of(binary):
+    return "".join(part.capitalize() for part in binary.split("-")) + "Function"
+
+
+# ------------------------------------------------------------------------ run
+
+
+def event(name):
+    with open(os.path.join(ROOT, "events", f"{name}.json")) as f:
+        return json.load(f)
+
+
+class Check:
+    def __init__(self, args):
+        self.args = args
+        self.names = json.load(open(args.names_file))
+        self.ddb = client("dynamodb", args.endpoint)
+        self.s3 = client("s3", args.endpoint)
+        self.invoked = set()
+        self.failures = []
+        self.calls = Calls(self.names)
+        Proxy.calls = self.calls
+        upstream = urllib.parse.urlparse(args.endpoint)
+        Proxy.upstream = (upstream.hostname, upstream.port)
+        proxy = http.server.ThreadingHTTPServer(("127.0.0.1", args.proxy_port), Proxy)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+
+    def event(self, name):
+        return event(name)
+
+    def invoke(self, function, data_file):
+        cmd = [
+            "cargo", "lambda", "invoke", function,
+            "--invoke-address", "127.0.0.1", "--invoke-port", str(self.args.invoke_port),
+            "--data-file", data_file, "--output-format", "json",
+        ]
+        self.calls.current = function
+        pushed = len(self.pushes())
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{function} did not answer within 300 s") from None
+        finally:
+            # Its pushes and closes went to the @connections stand-in.
+            for push in self.pushes()[pushed:]:
+                self.calls.add("execute-api:ManageConnections", f"@connections/{push['method']}")
+            self.calls.current = None
+        if done.returncode != 0:
+            raise AssertionError(f"cargo lambda invoke {function} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return json.loads(done.stdout)
+
+    def call(self, name, expect):
+        """Invokes function `name` with events/<name>.json and checks the answer with `expect`."""
+        self.invoked.add(name)
+        try:
+            answer = self.invoke(name, os.path.join(ROOT, "events", f"{name}.json"))
+            expect(answer)
+            print(f"ok    {name}")
+            return answer
+        except AssertionError as e:
+            print(f"FAIL  {name}: {e}")
+            self.failures.append(name)
+            return None
+
+    def derived(self, name, label, change):
+        """Invokes function `name` with a changed copy of its event (setting up what a fixed event needs)."""
+        ev = self.event(name)
+        change(ev)
+        path = os.path.join(self.args.work, f"{name}-{label}.json")
+        with open(path, "w") as f:
+            json.dump(ev, f)
+        return self.invoke(name, path)
+
+    def pushes(self):
+        with open(self.args.push_log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def copy_item(self, table, key_name, old, new):
+        name = self.names[table]
+        item = self.ddb.get_item(TableName=name, Key={key_name: {"S": old}}, ConsistentRead=True)["Item"]
+        item[key_name] = {"S": new}
+        self.ddb.put_item(TableName=name, Item=item)
+
+
+def frame(answer):
+    assert answer.get("statusCode") == 200, f"statusCode {answer.get('statusCode')}: {answer}"
+    return json.loads(answer["body"])
+
+
+def success(name, check=lambda data: None):
+    def expect(answer):
+        f = frame(answer)
+        assert f.get("status") == "SUCCESS", f
+        asked = json.loads(event(name)["body"])
+        assert f["action"] == asked["action"] and f.get("requestId") == asked.get("requestId"), f
+        check(f["data"])
+
+    return expect
+
+
+def status(code):
+    def expect(answer):
+        assert answer.get("statusCode") == code, answer
+
+    return expect
+
+
+def no_batch_failures(answer):
+    assert answer == {"batchItemFailures": []}, answer
+
+
+def run(args):
+    c = Check(args)
+    state = {}
+
+    def authorized(answer):
+        assert answer["principalId"] == "alice", answer
+        statement = answer["policyDocument"]["Statement"][0]
+        assert statement["Effect"] == "Allow" and statement["Action"] == ["execute-api:Invoke"], answer
+        assert answer["context"] == {"userId": "alice", "deviceId": "phone"}, answer
+
+    c.call("authorizer", authorized)
+    c.call("connect", status(200))
+    alice_phone = c.event("connect")["requestContext"]["connectionId"]
+
+    # Two more devices, so pushes and removeDevice have someone to reach.
+    def as_device(user, device, connection):
+        def change(ev):
+            ev["requestContext"]["connectionId"] = connection
+            ev["requestContext"]["authorizer"].update(principalId=user, userId=user, deviceId=device)
+
+        return change
+
+    for user, device, connection in [("bob", "laptop", "BobLaptopConn0Q="), ("alice", "tablet", "AliceTabletCo0Q=")]:
+        answer = c.derived("connect", f"{user}-{device}", as_device(user, device, connection))
+        assert answer.get("statusCode") == 200, f"connecting {user}/{device}: {answer}"
+
+    def created(data):
+        assert len(data["chatId"]) == 26, data
+        state["chat"] = data["chatId"]
+
+    c.call("create-chat", success("create-chat", created))
+    told = [p for p in c.pushes() if p["method"] == "POST" and '"chatUpdate"' in p["body"]]
+    if {p["connection"] for p in told} != {alice_phone, "BobLaptopConn0Q=", "AliceTabletCo0Q="}:
+        print(f"FAIL  create-chat: chatUpdate pushed to {[p['connection'] for p in told]}")
+        c.failures.append("create-chat pushes")
+
+    # send-message and modify-chat-participants name a fixed chat: make it a copy of the one just created.
+    fixed_chat = json.loads(c.event("send-message")["body"])["chatId"]
+    if "chat" in state:
+        c.copy_item("ChatsTable", "chatId", state["chat"], fixed_chat)
+        participants = c.names["ParticipantsTable"]
+        rows = c.ddb.query(
+            TableName=participants,
+            KeyConditionExpression="chatId = :c",
+            ExpressionAttributeValues={":c": {"S": state["chat"]}},
+        )["Items"]
+        for row in rows:
+            row["chatId"] = {"S": fixed_chat}
+            c.ddb.put_item(TableName=participants, Item=row)
+
+    def sent(data):
+        assert len(data["messageId"]) == 26 and isinstance(data["timestamp"], int), data
+        pushed = [p for p in c.pushes() if p["method"] == "POST" and data["messageId"] in p["body"]]
+        assert {p["connection"] for p in pushed} == {"BobLaptopConn0Q=", "AliceTabletCo0Q="}, pushed
+
+    c.call("send-message", success("send-message", sent))
+
+    def modified(data):
+        assert data["participants"] == ["alice", "bob", "carol"], data
+
+    c.call("modify-chat-participants", success("modify-chat-participants", modified))
+
+    def listed(data):
+        ids = {chat["chatId"] for chat in data["chats"]}
+        assert ids == {state.get("chat"), fixed_chat}, data
+
+    c.call("list-chats", success("list-chats", listed))
+
+    def upload(data):
+        assert data["uploadUrl"].startswith(f"http://127.0.0.1:{args.proxy_port}/"), data
+        request = urllib.request.Request(data["uploadUrl"], data=ATTACHMENT_BODY, method="PUT")
+        for header, value in data["uploadHeaders"].items():
+            request.add_header(header, value)
+        with urllib.request.urlopen(request) as response:
+            assert response.status == 200, response.status
+        state["attachment"] = data["attachmentId"]
+
+    c.call("create-attachment", success("create-attachment", upload))
+
+    # get-attachment names a fixed attachment: make it a copy of the one just uploaded.
+    fixed_attachment = json.loads(c.event("get-attachment")["body"])["attachmentId"]
+    if "attachment" in state:
+        c.copy_item("AttachmentsTable", "attachmentId", state["attachment"], fixed_attachment)
+        bucket = c.names["MediaBucket"]
+        for obj in c.s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            if state["attachment"] in obj["Key"]:
+                target = obj["Key"].replace(state["attachment"], fixed_attachment)
+                c.s3.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": obj["Key"]})
+
+    def download(data):
+        assert data["attachmentId"] == fixed_attachment, data
+        with urllib.request.urlopen(data["downloadUrl"]) as response:
+            assert response.read() == ATTACHMENT_BODY, "the downloaded bytes are the uploaded ones"
+
+    c.call("get-attachment", success("get-attachment", download))
+
+    def page(data):
+        assert isinstance(data["messages"], list) and "cursor" in data, data
+
+    c.call("sync", success("sync", page))
+
+    def acked(data):
+        assert isinstance(data["acked"], int), data
+
+    c.call("ack", success("ack", acked))
+
+    def removed(data):
+        assert data == {}, data
+        closed = [p["connection"] for p in c.pushes() if p["method"] == "DELETE"]
+        assert "AliceTabletCo0Q=" in closed, f"the tablet's connection was not closed: {closed}"
+
+    c.call("remove-device", success("remove-device", removed))
+
+    def unknown(answer):
+        f = frame(answer)
+        assert f["status"] == "FAILURE" and f["error"]["code"] == "UNKNOWN_ACTION", f
+
+    c.call("default", unknown)
+    c.call("fanout", no_batch_failures)
+    c.call("deliver", no_batch_failures)
+
+    def cleaned(answer):
+        assert answer is None, answer
+
+    c.call("cleanup", cleaned)
+    c.call("disconnect", status(200))
+
+    # Every AWS call a function made must be one the template grants it.
+    grants = granted(template())
+    for binary, calls in sorted(c.calls.by_function.items()):
+        allowed = grants.get(function_of(binary), set())
+        denied = sorted(
+            (action, resource)
+            for action, resource in calls
+            if not any(action == a and fnmatch.fnmatchcase(resource, r) for a, r in allowed)
+        )
+        if denied:
+            print(f"FAIL  {binary}: template.yaml does not grant {function_of(binary)} {denied}")
+            c.failures.append(f"{binary} grants")
+        elif args.verbose:
+            print(f"calls {binary}: {sorted(calls)}")
+    print(f"grants: every AWS call of {len(c.calls.by_function)} functions is granted by template.yaml")
+
+    every = {name[: -len(".json")] for name in os.listdir(os.path.join(ROOT, "events")) if name.endswith(".json")}
+    if c.invoked != every:
+        print(f"FAIL  not invoked: {sorted(every - c.invoked)}")
+        c.failures.append("coverage")
+    if c.failures:
+        sys.exit(f"lambda invoke check: {len(c.failures)} failed: {', '.join(c.failures)}")
+    print(f"lambda invoke check: all {len(c.invoked)} functions answered as their events ask")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("provision")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--functions-endpoint", required=True, help="where the functions reach moto (the proxy)")
+    p.add_argument("--connections", required=True)
+    p.add_argument("--env-file", required=True)
+    p.add_argument("--names-file", required=True)
+    p = sub.add_parser("connections")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--log", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--names-file", required=True)
+    p.add_argument("--push-log", required=True)
+    p.add_argument("--invoke-port", type=int, required=True)
+    p.add_argument("--proxy-port", type=int, required=True)
+    p.add_argument("--verbose", action="store_true", help="print each function's AWS calls")
+    p.add_argument("--work", required=True)
+    args = parser.parse_args()
+    {"provision": provision, "connections": connections, "run": run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
