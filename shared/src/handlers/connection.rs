@@ -63,7 +63,7 @@ pub fn authorizer_context(response: &ApiGatewayCustomAuthorizerResponse) -> Hash
 /// device limit) and binds the connection to it.
 pub async fn connect(courier: &Courier, event: WsEvent) -> WsResponse {
     let ctx = &event.request_context;
-    let field = |name: &str| ctx.authorizer.other.get(name).and_then(Value::as_str).unwrap_or_default();
+    let field = |name: &str| ctx.authorizer.fields.get(name).and_then(Value::as_str).unwrap_or_default();
     let Ok(user) = UserId::try_from(field(super::AUTHORIZER_USER)) else {
         return status(401);
     };

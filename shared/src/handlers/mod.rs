@@ -99,7 +99,7 @@ pub fn ws_event(
     ctx.stage = Some("local".to_owned());
     ctx.request_time_epoch = now_ms;
     ctx.connected_at = now_ms;
-    ctx.authorizer.other = authorizer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ctx.authorizer.fields = authorizer.clone();
     event.body = body;
     event
 }
@@ -107,7 +107,7 @@ pub fn ws_event(
 /// Who sent the event, from the authorizer context and the connection id.
 fn caller(event: &WsEvent) -> Result<Caller, Error> {
     let ctx = &event.request_context;
-    let field = |name: &str| ctx.authorizer.other.get(name).and_then(Value::as_str).unwrap_or_default();
+    let field = |name: &str| ctx.authorizer.fields.get(name).and_then(Value::as_str).unwrap_or_default();
     let unauthorized = || Error::Unauthorized("the connection carries no verified identity".into());
     Ok(Caller {
         user: UserId::try_from(field(AUTHORIZER_USER)).map_err(|_| unauthorized())?,
