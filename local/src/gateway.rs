@@ -30,6 +30,12 @@ use crate::Config;
 
 /// Frames waiting for a slow client before it is cut off (it can sync later).
 const OUTBOX: usize = 1024;
+/// tungstenite allocates its 128 KiB default read buffer per socket up front:
+/// most of an idle connection's memory. Frames are at most 32 KiB anyway.
+const READ_BUFFER: usize = 4 * 1024;
+/// Writes are flushed once per batch (see `run`), so tungstenite need not
+/// hold more than a frame before writing through.
+const WRITE_BUFFER: usize = 8 * 1024;
 
 /// What a socket task is told to send.
 #[derive(Debug)]
@@ -233,6 +239,8 @@ pub async fn upgrade(
     let failed = (gateway.clone(), id.clone(), Arc::downgrade(&connection), context.clone());
     ws.max_message_size(limit)
         .max_frame_size(limit)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_failed_upgrade(move |_| {
             let (gateway, id, connection, context) = failed;
             if let Some(connection) = connection.upgrade() {
@@ -265,17 +273,28 @@ async fn run(
     context: HashMap<String, Value>,
 ) {
     let (mut sink, mut stream) = socket.split();
+    // Whatever is queued when the writer wakes goes out in one flush: under
+    // load, one write(2) carries many frames.
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outbox.recv().await {
-            let sent = match frame {
-                Outbound::Text(text) => sink.send(Message::Text(text.into())).await,
-                Outbound::Binary(bytes) => sink.send(Message::Binary(bytes.into())).await,
-                Outbound::Close(code, reason) => {
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-                    break;
+        let mut batch = Vec::new();
+        'frames: while outbox.recv_many(&mut batch, OUTBOX).await > 0 {
+            for frame in batch.drain(..) {
+                let (message, last) = match frame {
+                    Outbound::Text(text) => (Message::Text(text.into()), false),
+                    Outbound::Binary(bytes) => (Message::Binary(bytes.into()), false),
+                    Outbound::Close(code, reason) => {
+                        (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true)
+                    }
+                };
+                if sink.feed(message).await.is_err() {
+                    break 'frames;
                 }
-            };
-            if sent.is_err() {
+                if last {
+                    let _ = sink.flush().await;
+                    break 'frames;
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
