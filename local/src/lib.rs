@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, put};
+use axum::serve::ListenerExt;
 use courier_shared::auth::Verifier;
+use courier_shared::domain::Limits;
 use courier_shared::embedded::{self, FileBlobs, SqliteStore};
 use courier_shared::ports::{Clock, SystemClock};
 use courier_shared::{Courier, Ports};
@@ -63,7 +65,10 @@ fn embedded(
         jobs: Arc::new(store.clone()),
         clock: clock.clone(),
     };
-    let courier = Arc::new(Courier::new(ports, config.limits.clone()));
+    // Pushes here go to in-process channels, not HTTP posts: no fan-out is
+    // big enough to be worth a trip through the job queue.
+    let limits = Limits { inline_push_limit: usize::MAX, ..config.limits.clone() };
+    let courier = Arc::new(Courier::new(ports, limits));
     let tasks = vec![
         embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),
         embedded::spawn_feed(store.clone(), courier.clone(), clock, FEED_GRACE),
@@ -143,6 +148,12 @@ pub async fn serve_with(
         .merge(started.routes);
 
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "courier-local listening");
+    // Frames are small and latency-bound: no Nagle delay on any socket.
+    let listener = listener.tap_io(|socket| {
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -818,7 +818,7 @@ impl ChatStore for DynamoTables {
 
 #[async_trait]
 impl DeviceStore for DynamoTables {
-    #[instrument(skip_all, fields(user = %user, device = %device))]
+    #[instrument(level = "debug", skip_all, fields(user = %user, device = %device))]
     async fn connect(
         &self,
         user: &UserId,
@@ -898,7 +898,7 @@ impl DeviceStore for DynamoTables {
         Ok(Some(removed))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn expire_devices(&self, before: Millis) -> Result<u64> {
         let stale = "lastSeen < :before AND attribute_not_exists(connectionId)";
         let mut pages = self
@@ -943,7 +943,7 @@ impl DeviceStore for DynamoTables {
 
 #[async_trait]
 impl MessageStore for DynamoTables {
-    #[instrument(skip_all, fields(chat = %message.chat, message = %message.id, recipients = message.recipients.len()))]
+    #[instrument(level = "debug", skip_all, fields(chat = %message.chat, message = %message.id, recipients = message.recipients.len()))]
     async fn store(
         &self,
         message: &StoredMessage,
@@ -1228,7 +1228,7 @@ impl MessageStore for DynamoTables {
 
     /// Deployed, TTL does this within days and this job is a backstop; it is
     /// a Scan of two tables, so it runs on a schedule, never on a request.
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
         let inbox = self.delete_expired(&self.names.inbox_table, "inbox", "messageId", now).await?;
         let messages = self.delete_expired(&self.names.messages_table, "chatId", "messageId", now).await?;

@@ -19,7 +19,7 @@ fn valid_content_type(s: &str) -> bool {
 }
 
 impl Courier {
-    #[instrument(skip_all, fields(user = %caller.user, size = cmd.size))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, size = cmd.size))]
     pub async fn create_attachment(
         &self,
         caller: &Caller,
@@ -59,7 +59,7 @@ impl Courier {
         })
     }
 
-    #[instrument(skip_all, fields(user = %caller.user, attachment = %id))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, attachment = %id))]
     pub async fn get_attachment(&self, caller: &Caller, id: &AttachmentId) -> Result<AttachmentLink> {
         let not_found = || Error::NotFound(format!("no attachment {id}"));
         let attachment = self.ports.attachments.attachment(id).await?.ok_or_else(not_found)?;

@@ -15,7 +15,7 @@ use crate::protocol::{ChatCreated, ChatList, CreateChat, ModifyChatParticipants,
 const CONFLICT_RETRIES: u32 = 128;
 
 impl Courier {
-    #[instrument(skip_all, fields(user = %caller.user))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user))]
     pub async fn create_chat(&self, caller: &Caller, cmd: CreateChat) -> Result<ChatCreated> {
         let chars = cmd.name.chars().count();
         if chars == 0 {
@@ -58,7 +58,7 @@ impl Courier {
         Ok(ChatCreated { chat_id: chat.id })
     }
 
-    #[instrument(skip_all, fields(user = %caller.user, chat = %cmd.chat_id, target = %cmd.user_id))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, chat = %cmd.chat_id, target = %cmd.user_id))]
     pub async fn modify_chat_participants(
         &self,
         caller: &Caller,

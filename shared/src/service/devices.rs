@@ -12,7 +12,7 @@ impl Courier {
     /// Registers the device and binds the new connection to it. A user's
     /// first device inherits what was sent to them while they had none; an
     /// older connection of the same device is closed.
-    #[instrument(skip_all, fields(user = %user, device = %device, connection = %connection))]
+    #[instrument(level = "debug", skip_all, fields(user = %user, device = %device, connection = %connection))]
     pub async fn connect(&self, user: &UserId, device: &DeviceId, connection: &ConnectionId) -> Result<()> {
         let now = self.now();
         let outcome = self
@@ -47,7 +47,7 @@ impl Courier {
     /// Removes one of the caller's devices with its inbox and closes its
     /// connection. When that is the very connection asking, the answer must
     /// go out first: its closing is returned for the handler to do last.
-    #[instrument(skip_all, fields(user = %caller.user, device = %device))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, device = %device))]
     pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<Option<ConnectionId>> {
         let removed = self.ports.devices.remove_device(&caller.user, device).await?;
         let removed = removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;

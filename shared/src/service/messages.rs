@@ -19,7 +19,7 @@ impl Courier {
     /// Stores the message for every recipient device, answers, then pushes.
     /// The answer comes only after the store has committed; the pushes are a
     /// fast path that the feed (Streams when deployed) backs up.
-    #[instrument(skip_all, fields(user = %caller.user, device = %caller.device, chat = %cmd.chat_id))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, device = %caller.device, chat = %cmd.chat_id))]
     pub async fn send_message(&self, caller: &Caller, cmd: SendMessage) -> Result<MessageSent> {
         if cmd.message.len() > self.limits.max_message_bytes {
             return Err(Error::LimitExceeded(format!(
@@ -136,7 +136,7 @@ impl Courier {
     /// The safety net (fanout on the change feed, or a delayed job): finish a
     /// fan-out whose mark is missing. Pushes only to inboxes still holding
     /// the message, so nothing acked is pushed again.
-    #[instrument(skip_all, fields(chat = %chat, message = %id))]
+    #[instrument(level = "debug", skip_all, fields(chat = %chat, message = %id))]
     pub async fn finish_fanout(&self, chat: &ChatId, id: &MessageId) -> Result<()> {
         let Some(message) = self.ports.messages.message(chat, id).await? else {
             return Ok(());
@@ -193,7 +193,7 @@ impl Courier {
         }
     }
 
-    #[instrument(skip_all, fields(user = %caller.user, device = %caller.device))]
+    #[instrument(level = "debug", skip_all, fields(user = %caller.user, device = %caller.device))]
     pub async fn sync(&self, caller: &Caller, cmd: Sync) -> Result<SyncPage> {
         let limit = match cmd.limit {
             None => self.limits.default_sync_limit,
