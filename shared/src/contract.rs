@@ -232,8 +232,16 @@ pub async fn messages(t: &Tables) {
     assert_eq!(t.messages.inbox_page(&b2, None, 10, NOW).await.unwrap().len(), 2, "b2 keeps its copy");
 
     t.messages.mark_fanned_out(&chat, &m1.id).await.unwrap();
-    let done = t.messages.message(&chat, &m1.id).await.unwrap().unwrap();
-    assert!(done.fanned_out);
+    // The mark may land after the call returns (SQLite commits it with the next group).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let done = loop {
+        let row = t.messages.message(&chat, &m1.id).await.unwrap().unwrap();
+        if row.fanned_out || std::time::Instant::now() > deadline {
+            break row;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert!(done.fanned_out, "the mark lands");
     assert!(!done.json.contains("one"), "the message row keeps no text after fan-out");
     assert!(
         !t.messages.unfinished(NOW + 10, 100_000).await.unwrap().contains(&(chat.clone(), m1.id.clone()))

@@ -98,7 +98,9 @@ pub trait MessageStore: Send + Sync {
         expires_at: Millis,
     ) -> Result<Store>;
     async fn message(&self, chat: &ChatId, id: &MessageId) -> Result<Option<StoredMessage>>;
-    /// Marks the fan-out done and drops the body from the message row.
+    /// Marks the fan-out done and drops the body from the message row. The
+    /// mark may become visible shortly after this returns, and a crash may
+    /// lose it: it only spares the feed the work of finishing the fan-out.
     async fn mark_fanned_out(&self, chat: &ChatId, id: &MessageId) -> Result<()>;
     /// Messages stored before `before` whose fan-out was never marked done.
     async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>>;

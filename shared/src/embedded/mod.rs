@@ -2,6 +2,7 @@
 //! in-process job queue and change feed that live in the same database, so a
 //! restart loses nothing.
 
+mod cache;
 mod files;
 mod runners;
 mod sqlite;

@@ -5,6 +5,8 @@
 //! own answer only after the commit that holds it, and a failing write rolls
 //! back alone (each runs in a savepoint). Reads run on a small pool of
 //! connections on tokio's blocking threads, so they never queue behind writes.
+//! WAL checkpoints run on their own thread, so no commit waits for one. The
+//! chats and devices that every send reads are cached (see `cache.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -14,6 +16,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, oneshot};
 
+use super::cache::ReadCache;
 use crate::domain::{Chat, Device, InboxKey, Member, Millis};
 use crate::error::{Error, Result};
 use crate::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
@@ -36,7 +39,19 @@ pub enum Durability {
 
 /// Most writes one transaction takes before it commits.
 const MAX_GROUP: usize = 512;
-const READERS: usize = 4;
+/// Read connections, and reads in flight at once: reads take microseconds
+/// from the page cache, so a few connections keep every core busy, and a
+/// bounded pool never opens a connection per read under load.
+const READERS: usize = 8;
+/// How much of the database file every connection maps.
+const MMAP_BYTES: i64 = 1 << 30;
+/// The writer's page cache (KiB): the writer keeps its cache across commits,
+/// so the pages its inserts land on stay in memory instead of being read again.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// How long the writer waits for more writes to join a group, under load only.
+const LINGER: Duration = Duration::from_micros(200);
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS chats (
@@ -61,27 +76,32 @@ CREATE TABLE IF NOT EXISTS connections (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL
 ) WITHOUT ROWID;
+-- Keyed by message_id, a ULID: a new message lands on the last page of the
+-- tree, and its fan-out mark on a page still in cache. Keyed by chat, each
+-- message would dirty a page of its own, and every dirty page is a WAL write.
 CREATE TABLE IF NOT EXISTS messages (
+    message_id TEXT PRIMARY KEY,
     chat_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
     timestamp INTEGER NOT NULL,
     body TEXT,
     recipients TEXT NOT NULL,
     fanned_out INTEGER NOT NULL DEFAULT 0,
     dedupe TEXT,
-    expires_at INTEGER NOT NULL,
-    PRIMARY KEY (chat_id, message_id)
+    expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (chat_id, dedupe) WHERE dedupe IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_unfinished ON messages (timestamp) WHERE fanned_out = 0;
 CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
+-- Rows, bodies and all, append in arrival order; only the slim index entry
+-- lands among the inbox's other rows.
 CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY,
     inbox TEXT NOT NULL,
     message_id TEXT NOT NULL,
     body TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    PRIMARY KEY (inbox, message_id)
-) WITHOUT ROWID;
+    expires_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_key ON inbox (inbox, message_id);
 CREATE INDEX IF NOT EXISTS inbox_expiry ON inbox (expires_at);
 CREATE TABLE IF NOT EXISTS attachments (
     attachment_id TEXT PRIMARY KEY,
@@ -106,6 +126,51 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (run_at) WHERE dead = 0;
 "#;
 
+/// `PRAGMA user_version` of the layout above.
+const LAYOUT: i64 = 2;
+
+/// From layout 1 (0 in `user_version`: messages keyed by chat, inbox rows
+/// keyed by inbox): moves the two tables' rows into layout 2. Runs before
+/// SCHEMA, in the same transaction.
+const FROM_LAYOUT_1: &str = r#"
+DROP INDEX IF EXISTS messages_dedupe;
+DROP INDEX IF EXISTS messages_unfinished;
+DROP INDEX IF EXISTS messages_expiry;
+DROP INDEX IF EXISTS inbox_expiry;
+ALTER TABLE messages RENAME TO messages_layout_1;
+ALTER TABLE inbox RENAME TO inbox_layout_1;
+"#;
+const FROM_LAYOUT_1_ROWS: &str = r#"
+INSERT INTO messages (message_id, chat_id, timestamp, body, recipients, fanned_out, dedupe, expires_at)
+    SELECT message_id, chat_id, timestamp, body, recipients, fanned_out, dedupe, expires_at FROM messages_layout_1;
+INSERT INTO inbox (inbox, message_id, body, expires_at)
+    SELECT inbox, message_id, body, expires_at FROM inbox_layout_1 ORDER BY message_id;
+DROP TABLE messages_layout_1;
+DROP TABLE inbox_layout_1;
+"#;
+
+/// Creates the tables, moving an older layout's rows over first.
+fn create_schema(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let layout_1 = version == 0
+        && tx.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? > 0;
+    if layout_1 {
+        tracing::info!("moving the database to layout {LAYOUT}");
+        tx.execute_batch(FROM_LAYOUT_1)?;
+    }
+    tx.execute_batch(SCHEMA)?;
+    if layout_1 {
+        tx.execute_batch(FROM_LAYOUT_1_ROWS)?;
+    }
+    tx.pragma_update(None, "user_version", LAYOUT)?;
+    tx.commit()
+}
+
 type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 type WriteOp = Box<dyn FnOnce(&Connection) -> Completion + Send>;
 
@@ -119,6 +184,11 @@ struct Inner {
     path: PathBuf,
     writes: Mutex<Option<mpsc::Sender<WriteOp>>>,
     readers: Mutex<Vec<Connection>>,
+    /// One permit per read connection: a read holds one while it runs.
+    reading: tokio::sync::Semaphore,
+    chats: ReadCache<ChatId, Chat>,
+    /// Every device row of a user, expired or not.
+    devices: ReadCache<UserId, Vec<Device>>,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
     clock: Arc<dyn crate::ports::Clock>,
@@ -140,18 +210,31 @@ fn open(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Pages come from a shared mapping instead of a pread copy per page; a
+    // read connection's cache starts cold after every commit, so this is
+    // most of what a read costs.
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     Ok(conn)
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts its writer thread.
     pub fn open(path: &Path, durability: Durability, clock: Arc<dyn crate::ports::Clock>) -> Result<Self> {
-        let writer = open(path, durability)?;
-        writer.execute_batch(SCHEMA)?;
+        let mut writer = open(path, durability)?;
+        create_schema(&mut writer)?;
+        // The checkpointer thread does this work, off the commit path.
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
+        writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        let checkpointer = open(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteOp>();
+        let (stop, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("courier-sqlite-writer".into())
-            .spawn(move || write_loop(writer, rx))
+            .spawn(move || write_loop(writer, rx, stop))
+            .map_err(Error::internal)?;
+        std::thread::Builder::new()
+            .name("courier-sqlite-checkpointer".into())
+            .spawn(move || checkpoint_loop(checkpointer, stopped))
             .map_err(Error::internal)?;
         let readers = (0..READERS).map(|_| open(path, durability)).collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Self {
@@ -159,6 +242,9 @@ impl SqliteStore {
                 path: path.to_owned(),
                 writes: Mutex::new(Some(tx)),
                 readers: Mutex::new(readers),
+                reading: tokio::sync::Semaphore::new(READERS),
+                chats: ReadCache::new(),
+                devices: ReadCache::new(),
                 jobs_queued: Notify::new(),
                 clock,
             }),
@@ -168,6 +254,26 @@ impl SqliteStore {
     /// Stops taking writes and waits for the writer to commit what it has.
     pub fn close(&self) {
         self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Runs `f` in the next group commit without waiting for it: for writes
+    /// whose loss a crash may cause and a later pass repairs (the fan-out
+    /// mark: the feed finishes a message left unmarked). Failures are logged.
+    fn write_detached<F>(&self, what: &'static str, f: F) -> Result<()>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        let op: WriteOp = Box::new(move |conn| {
+            let outcome = in_savepoint(conn, f);
+            Box::new(move |commit: Result<()>| {
+                if let Err(e) = commit.and_then(|()| outcome.map_err(Error::from)) {
+                    tracing::warn!(error = %e, "{what} not written");
+                }
+            })
+        });
+        let sender = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sender = sender.ok_or_else(|| Error::unavailable("the store is closing"))?;
+        sender.send(op).map_err(|_| Error::unavailable("the store is closed"))
     }
 
     /// Runs `f` in the next group commit; answers after that commit.
@@ -195,18 +301,17 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
+        let _permit = self.inner.reading.acquire().await.map_err(Error::internal)?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            // A permit is held, so a connection is free, unless an earlier read panicked with it.
             let pooled = inner.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
                 None => open(&inner.path, Durability::Process)?,
             };
             let result = f(&conn);
-            let mut pool = inner.readers.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < READERS {
-                pool.push(conn);
-            }
+            inner.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
             Ok(result?)
         })
         .await
@@ -285,29 +390,58 @@ fn in_savepoint<R>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<R>,
 ) -> rusqlite::Result<R> {
-    conn.execute_batch("SAVEPOINT op")?;
+    conn.prepare_cached("SAVEPOINT op")?.execute([])?;
     match f(conn) {
         Ok(r) => {
-            conn.execute_batch("RELEASE op")?;
+            conn.prepare_cached("RELEASE op")?.execute([])?;
             Ok(r)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO op; RELEASE op")?;
+            conn.prepare_cached("ROLLBACK TO op")?.execute([])?;
+            conn.prepare_cached("RELEASE op")?.execute([])?;
             Err(e)
         }
     }
 }
 
-/// The writer thread: take what is waiting, run it in one transaction, commit, answer.
-fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>) {
-    while let Ok(first) = ops.recv() {
-        let mut batch = vec![first];
+/// The checkpointer thread: copies committed pages from the WAL into the
+/// database every so often (PASSIVE: it never blocks the writer or readers),
+/// and once more when the writer stops.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    let checkpoint = || {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    };
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        checkpoint();
+    }
+    checkpoint();
+}
+
+/// The writer thread: take what is waiting, run it in one transaction, commit,
+/// answer. `_checkpointer` is dropped when it ends, which stops the checkpointer.
+fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>, _checkpointer: mpsc::Sender<()>) {
+    let take_waiting = |batch: &mut Vec<WriteOp>| {
         while batch.len() < MAX_GROUP {
             match ops.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
+    };
+    let mut under_load = false;
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        take_waiting(&mut batch);
+        // A commit costs about the same for one write as for hundreds (it
+        // writes the pages they share once): when writes are arriving
+        // together, wait a moment for more rather than commit each alone.
+        if under_load && batch.len() < MAX_GROUP {
+            std::thread::sleep(LINGER);
+            take_waiting(&mut batch);
+        }
+        under_load = batch.len() > 1;
         let commit = (|| -> rusqlite::Result<Vec<Completion>> {
             let tx = Transaction::new(&mut conn, rusqlite::TransactionBehavior::Immediate)?;
             let completions: Vec<Completion> = batch.drain(..).map(|op| op(&tx)).collect();
@@ -399,65 +533,81 @@ fn delete_device_rows(c: &Connection, user: &str, device: &str) -> rusqlite::Res
 #[async_trait]
 impl ChatStore for SqliteStore {
     async fn create_chat(&self, chat: &Chat) -> Result<()> {
-        let chat = chat.clone();
-        self.write(move |c| {
-            c.execute(
-                "INSERT INTO chats (chat_id, body, version) VALUES (?1, ?2, ?3)",
-                params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
-            )?;
-            let mut add =
-                c.prepare_cached("INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)")?;
-            for m in &chat.members {
-                add.execute([m.user.as_str(), chat.id.as_str()])?;
-            }
-            Ok(())
-        })
-        .await
+        let (key, chat) = (chat.id.clone(), chat.clone());
+        let created = self
+            .write(move |c| {
+                c.execute(
+                    "INSERT INTO chats (chat_id, body, version) VALUES (?1, ?2, ?3)",
+                    params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
+                )?;
+                let mut add = c.prepare_cached(
+                    "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
+                )?;
+                for m in &chat.members {
+                    add.execute([m.user.as_str(), chat.id.as_str()])?;
+                }
+                Ok(())
+            })
+            .await;
+        self.inner.chats.forget(&key);
+        created
     }
 
     async fn chat(&self, chat_id: &ChatId) -> Result<Option<Chat>> {
-        let chat_id = chat_id.to_string();
-        self.read(move |c| {
-            c.prepare_cached("SELECT body, version FROM chats WHERE chat_id = ?1")?
-                .query_row([&chat_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .optional()?
-                .map(|(body, version)| chat_from_row(chat_id.clone(), body, version))
-                .transpose()
-        })
-        .await
+        if let Some(chat) = self.inner.chats.get(chat_id) {
+            return Ok(Some(chat));
+        }
+        let epoch = self.inner.chats.epoch();
+        let key = chat_id.to_string();
+        let found = self
+            .read(move |c| {
+                c.prepare_cached("SELECT body, version FROM chats WHERE chat_id = ?1")?
+                    .query_row([&key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .optional()?
+                    .map(|(body, version)| chat_from_row(key.clone(), body, version))
+                    .transpose()
+            })
+            .await?;
+        if let Some(chat) = &found {
+            self.inner.chats.fill(epoch, [(chat_id.clone(), chat.clone())]);
+        }
+        Ok(found)
     }
 
     async fn update_chat(&self, chat: &Chat, expected_version: u64) -> Result<bool> {
-        let chat = chat.clone();
-        self.write(move |c| {
-            let old: Option<String> = c
-                .query_row(
-                    "SELECT body FROM chats WHERE chat_id = ?1 AND version = ?2",
-                    params![chat.id.as_str(), expected_version as i64],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(old) = old else { return Ok(false) };
-            let old: ChatRow = from_json(&old)?;
-            c.execute(
-                "UPDATE chats SET body = ?2, version = ?3 WHERE chat_id = ?1",
-                params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
-            )?;
-            for m in old.members.iter().filter(|m| !chat.is_member(&m.user)) {
+        let (key, chat) = (chat.id.clone(), chat.clone());
+        let updated = self
+            .write(move |c| {
+                let old: Option<String> = c
+                    .query_row(
+                        "SELECT body FROM chats WHERE chat_id = ?1 AND version = ?2",
+                        params![chat.id.as_str(), expected_version as i64],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(old) = old else { return Ok(false) };
+                let old: ChatRow = from_json(&old)?;
                 c.execute(
-                    "DELETE FROM participants WHERE user_id = ?1 AND chat_id = ?2",
-                    [m.user.as_str(), chat.id.as_str()],
+                    "UPDATE chats SET body = ?2, version = ?3 WHERE chat_id = ?1",
+                    params![chat.id.as_str(), chat_body(&chat), chat.version as i64],
                 )?;
-            }
-            for m in &chat.members {
-                c.execute(
-                    "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
-                    [m.user.as_str(), chat.id.as_str()],
-                )?;
-            }
-            Ok(true)
-        })
-        .await
+                for m in old.members.iter().filter(|m| !chat.is_member(&m.user)) {
+                    c.execute(
+                        "DELETE FROM participants WHERE user_id = ?1 AND chat_id = ?2",
+                        [m.user.as_str(), chat.id.as_str()],
+                    )?;
+                }
+                for m in &chat.members {
+                    c.execute(
+                        "INSERT OR IGNORE INTO participants (user_id, chat_id) VALUES (?1, ?2)",
+                        [m.user.as_str(), chat.id.as_str()],
+                    )?;
+                }
+                Ok(true)
+            })
+            .await;
+        self.inner.chats.forget(&key);
+        updated
     }
 
     async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>> {
@@ -485,8 +635,9 @@ impl DeviceStore for SqliteStore {
         max_devices: usize,
         expired_before: Millis,
     ) -> Result<Connected> {
+        let owner = user.clone();
         let (user, device, connection) = (user.to_string(), device.to_string(), connection.to_string());
-        self.write(move |c| {
+        let connected = self.write(move |c| {
             let existing: Option<(Option<String>, Millis)> = c
                 .query_row(
                     "SELECT connection_id, last_seen FROM devices WHERE user_id = ?1 AND device_id = ?2",
@@ -540,89 +691,123 @@ impl DeviceStore for SqliteStore {
             )?;
             Ok(outcome)
         })
-        .await
+        .await;
+        self.inner.devices.forget(&owner);
+        connected
     }
 
     async fn disconnect(&self, connection: &ConnectionId, now: Millis) -> Result<()> {
         let connection = connection.to_string();
-        self.write(move |c| {
-            let owner: Option<(String, String)> = c
-                .query_row(
-                    "SELECT user_id, device_id FROM connections WHERE connection_id = ?1",
-                    [&connection],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            if let Some((user, device)) = owner {
+        let owner = self
+            .write(move |c| {
+                let owner: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT user_id, device_id FROM connections WHERE connection_id = ?1",
+                        [&connection],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((user, device)) = owner else { return Ok(None) };
                 c.execute("DELETE FROM connections WHERE connection_id = ?1", [&connection])?;
                 c.execute(
                     "UPDATE devices SET connection_id = NULL, last_seen = ?4
-                     WHERE user_id = ?1 AND device_id = ?2 AND connection_id = ?3",
+                 WHERE user_id = ?1 AND device_id = ?2 AND connection_id = ?3",
                     params![user, device, connection, now],
                 )?;
-            }
-            Ok(())
-        })
-        .await
+                Ok(Some(id::<UserId>(user)?))
+            })
+            .await;
+        match &owner {
+            Ok(Some(user)) => self.inner.devices.forget(user),
+            Ok(None) => {}
+            Err(_) => self.inner.devices.forget_all(),
+        }
+        owner.map(drop)
     }
 
     async fn devices_of(&self, users: &[UserId], expired_before: Millis) -> Result<Vec<Device>> {
-        let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT device_id, connection_id, last_seen FROM devices WHERE user_id = ?1 AND last_seen >= ?2",
-            )?;
-            let mut devices = Vec::new();
-            for user in users {
-                let rows = stmt.query_map(params![user, expired_before], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Millis>(2)?))
-                })?;
-                for row in rows {
-                    let (device, connection, last_seen) = row?;
-                    devices.push(Device {
-                        user: id(user.clone())?,
-                        id: id(device)?,
-                        connection: connection.map(id).transpose()?,
-                        last_seen,
-                    });
-                }
+        let mut found: Vec<Option<Vec<Device>>> = users.iter().map(|u| self.inner.devices.get(u)).collect();
+        let missing: Vec<UserId> =
+            users.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(u, _)| u.clone()).collect();
+        if !missing.is_empty() {
+            let epoch = self.inner.devices.epoch();
+            let read = self
+                .read(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT device_id, connection_id, last_seen FROM devices WHERE user_id = ?1",
+                    )?;
+                    let mut all = Vec::with_capacity(missing.len());
+                    for user in missing {
+                        let rows = stmt.query_map([user.as_str()], |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, Option<String>>(1)?,
+                                r.get::<_, Millis>(2)?,
+                            ))
+                        })?;
+                        let mut devices = Vec::new();
+                        for row in rows {
+                            let (device, connection, last_seen) = row?;
+                            let connection = connection.map(id).transpose()?;
+                            devices.push(Device {
+                                user: user.clone(),
+                                id: id(device)?,
+                                connection,
+                                last_seen,
+                            });
+                        }
+                        all.push((user, devices));
+                    }
+                    Ok(all)
+                })
+                .await?;
+            let mut read_iter = read.iter();
+            for slot in found.iter_mut().filter(|f| f.is_none()) {
+                *slot = read_iter.next().map(|(_, devices)| devices.clone());
             }
-            Ok(devices)
-        })
-        .await
+            self.inner.devices.fill(epoch, read);
+        }
+        let live = found.into_iter().flatten().flatten().filter(|d| d.last_seen >= expired_before);
+        Ok(live.collect())
     }
 
     async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>> {
-        let (user, device) = (user.clone(), device.clone());
-        self.write(move |c| {
-            let found: Option<(Option<String>, Millis)> = c
-                .query_row(
-                    "SELECT connection_id, last_seen FROM devices WHERE user_id = ?1 AND device_id = ?2",
-                    [user.as_str(), device.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((connection, last_seen)) = found else { return Ok(None) };
-            delete_device_rows(c, user.as_str(), device.as_str())?;
-            Ok(Some(Device { user, id: device, connection: connection.map(id).transpose()?, last_seen }))
-        })
-        .await
+        let (owner, user, device) = (user.clone(), user.clone(), device.clone());
+        let removed = self
+            .write(move |c| {
+                let found: Option<(Option<String>, Millis)> = c
+                    .query_row(
+                        "SELECT connection_id, last_seen FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                        [user.as_str(), device.as_str()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((connection, last_seen)) = found else { return Ok(None) };
+                delete_device_rows(c, user.as_str(), device.as_str())?;
+                Ok(Some(Device { user, id: device, connection: connection.map(id).transpose()?, last_seen }))
+            })
+            .await;
+        self.inner.devices.forget(&owner);
+        removed
     }
 
     async fn expire_devices(&self, before: Millis) -> Result<u64> {
-        self.write(move |c| {
-            let stale: Vec<(String, String)> = c
+        let expired = self
+            .write(move |c| {
+                let stale: Vec<(String, String)> = c
                 .prepare(
                     "SELECT user_id, device_id FROM devices WHERE last_seen < ?1 AND connection_id IS NULL",
                 )?
                 .query_map([before], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            for (user, device) in &stale {
-                delete_device_rows(c, user, device)?;
-            }
-            Ok(stale.len() as u64)
-        })
-        .await
+                for (user, device) in &stale {
+                    delete_device_rows(c, user, device)?;
+                }
+                Ok(stale.len() as u64)
+            })
+            .await;
+        self.inner.devices.forget_all();
+        expired
     }
 }
 
@@ -639,7 +824,7 @@ impl MessageStore for SqliteStore {
         self.write(move |c| {
             if let Some(key) = &dedupe {
                 let first = c
-                    .prepare_cached("SELECT * FROM messages WHERE chat_id = ?1 AND dedupe = ?2")?
+                    .prepare_cached("SELECT chat_id, message_id, timestamp, body, recipients, fanned_out FROM messages WHERE chat_id = ?1 AND dedupe = ?2")?
                     .query_row([message.chat.as_str(), key], message_from_row)
                     .optional()?;
                 if let Some(first) = first {
@@ -674,7 +859,7 @@ impl MessageStore for SqliteStore {
     async fn message(&self, chat: &ChatId, message_id: &MessageId) -> Result<Option<StoredMessage>> {
         let (chat, message_id) = (chat.to_string(), message_id.to_string());
         self.read(move |c| {
-            c.prepare_cached("SELECT * FROM messages WHERE chat_id = ?1 AND message_id = ?2")?
+            c.prepare_cached("SELECT chat_id, message_id, timestamp, body, recipients, fanned_out FROM messages WHERE message_id = ?2 AND chat_id = ?1")?
                 .query_row([&chat, &message_id], message_from_row)
                 .optional()
         })
@@ -682,15 +867,16 @@ impl MessageStore for SqliteStore {
     }
 
     async fn mark_fanned_out(&self, chat: &ChatId, message_id: &MessageId) -> Result<()> {
+        // Not waited for: a mark lost to a crash only means the feed finishes
+        // the fan-out again, pushing to the inboxes that still hold it.
         let (chat, message_id) = (chat.to_string(), message_id.to_string());
-        self.write(move |c| {
+        self.write_detached("fan-out mark", move |c| {
             c.prepare_cached(
-                "UPDATE messages SET fanned_out = 1, body = NULL, recipients = '[]' WHERE chat_id = ?1 AND message_id = ?2",
+                "UPDATE messages SET fanned_out = 1, body = NULL, recipients = '[]' WHERE message_id = ?2 AND chat_id = ?1",
             )?
             .execute([&chat, &message_id])
             .map(drop)
         })
-        .await
     }
 
     async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>> {
@@ -880,6 +1066,52 @@ mod tests {
         };
         contract::all(&tables).await;
         contract::racing_devices(&tables).await;
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_layout_keeps_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let (message, inbox) = ("01JDX0000000000000000000M1", "bob#phone");
+        let body = r#"{"messageId":"01JDX0000000000000000000M1","message":"kept"}"#;
+        {
+            // The tables as the first release of courier-local made them.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE messages (chat_id TEXT NOT NULL, message_id TEXT NOT NULL, timestamp INTEGER NOT NULL,
+                     body TEXT, recipients TEXT NOT NULL, fanned_out INTEGER NOT NULL DEFAULT 0, dedupe TEXT,
+                     expires_at INTEGER NOT NULL, PRIMARY KEY (chat_id, message_id)) WITHOUT ROWID;
+                 CREATE UNIQUE INDEX messages_dedupe ON messages (chat_id, dedupe) WHERE dedupe IS NOT NULL;
+                 CREATE INDEX messages_unfinished ON messages (timestamp) WHERE fanned_out = 0;
+                 CREATE INDEX messages_expiry ON messages (expires_at);
+                 CREATE TABLE inbox (inbox TEXT NOT NULL, message_id TEXT NOT NULL, body TEXT NOT NULL,
+                     expires_at INTEGER NOT NULL, PRIMARY KEY (inbox, message_id)) WITHOUT ROWID;
+                 CREATE INDEX inbox_expiry ON inbox (expires_at);",
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO messages VALUES ('chat-1', ?1, 5, ?2, '[\"bob#phone\"]', 0, 'alice#laptop#c-1', ?3)",
+                params![message, body, i64::MAX],
+            )
+            .unwrap();
+            old.execute("INSERT INTO inbox VALUES (?1, ?2, ?3, ?4)", params![inbox, message, body, i64::MAX])
+                .unwrap();
+        }
+        for _ in 0..2 {
+            // Opened twice: the second open finds the new layout and leaves it be.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            let key = InboxKey::parse(inbox).unwrap();
+            let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
+            assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
+            let chat: ChatId = id("chat-1".into()).unwrap();
+            let row = store.message(&chat, &id(message.into()).unwrap()).await.unwrap().unwrap();
+            assert!(!row.fanned_out, "the feed still finishes it");
+            assert_eq!(store.unfinished(10, 10).await.unwrap().len(), 1);
+            let seq: i64 =
+                store.read(|c| c.query_row("SELECT seq FROM inbox", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(seq, 1, "the inbox row moved into the new layout");
+            store.close();
+        }
     }
 
     #[tokio::test]
