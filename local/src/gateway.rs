@@ -350,7 +350,9 @@ async fn run(
         } else {
             let route = handlers::select_route(&text);
             let event = handlers::ws_event(route, &id, &context, Some(text.to_string()), gateway.clock.now());
-            body(handlers::route(&gateway.courier, event).await)
+            // Boxed: inline, the largest handler's state would sit in every
+            // idle connection's task for its whole life.
+            body(Box::pin(handlers::route(&gateway.courier, event)).await)
         };
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "frame handled");
         if let Some(reply) = reply
@@ -359,7 +361,7 @@ async fn run(
             break;
         }
     }
-    hang_up(&gateway, &id, &connection, &context).await;
+    Box::pin(hang_up(&gateway, &id, &connection, &context)).await;
     // Let the writer flush what is queued (a close frame, a last answer).
     drop(connection);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;

@@ -48,8 +48,6 @@ const MMAP_BYTES: i64 = 1 << 30;
 /// The writer's page cache (KiB): the writer keeps its cache across commits,
 /// so the pages its inserts land on stay in memory instead of being read again.
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
-/// How long the writer waits for more writes to join a group, under load only.
-const LINGER: Duration = Duration::from_micros(200);
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
@@ -422,26 +420,14 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
 /// The writer thread: take what is waiting, run it in one transaction, commit,
 /// answer. `_checkpointer` is dropped when it ends, which stops the checkpointer.
 fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>, _checkpointer: mpsc::Sender<()>) {
-    let take_waiting = |batch: &mut Vec<WriteOp>| {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
             match ops.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-    };
-    let mut under_load = false;
-    while let Ok(first) = ops.recv() {
-        let mut batch = vec![first];
-        take_waiting(&mut batch);
-        // A commit costs about the same for one write as for hundreds (it
-        // writes the pages they share once): when writes are arriving
-        // together, wait a moment for more rather than commit each alone.
-        if under_load && batch.len() < MAX_GROUP {
-            std::thread::sleep(LINGER);
-            take_waiting(&mut batch);
-        }
-        under_load = batch.len() > 1;
         let commit = (|| -> rusqlite::Result<Vec<Completion>> {
             let tx = Transaction::new(&mut conn, rusqlite::TransactionBehavior::Immediate)?;
             let completions: Vec<Completion> = batch.drain(..).map(|op| op(&tx)).collect();
