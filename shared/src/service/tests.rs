@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{Courier, Ports};
+use super::Courier;
 use crate::domain::{Caller, DAY_MS, Limits};
 use crate::embedded::{Durability, FileBlobs, SqliteStore};
 use crate::error::{Error, Result};
@@ -64,16 +64,7 @@ fn world(limits: Limits) -> World {
     let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Process, clock.clone()).unwrap();
     let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
     let push = Arc::new(Recorder::default());
-    let ports = Ports {
-        chats: Arc::new(store.clone()),
-        devices: Arc::new(store.clone()),
-        messages: Arc::new(store.clone()),
-        attachments: Arc::new(store.clone()),
-        blobs: Arc::new(blobs),
-        push: push.clone(),
-        jobs: Arc::new(store.clone()),
-        clock: clock.clone(),
-    };
+    let ports = crate::embedded::ports(&store, &blobs, push.clone(), clock.clone());
     World { courier: Courier::new(ports, limits), store, push, clock, _dir: dir }
 }
 
@@ -178,6 +169,8 @@ async fn the_feed_finishes_a_fan_out_the_sender_never_marked_and_skips_acked_inb
         w.push.messages_to(bob2.connection.as_str()).is_empty(),
         "the device that acked gets nothing again"
     );
+    // The mark is committed with the next group: an empty write waits for it.
+    w.store.write(|_| Ok(())).await.unwrap();
     assert!(w.store.unfinished(w.clock.now() + 1, 10).await.unwrap().is_empty());
 }
 
