@@ -254,24 +254,35 @@ impl SqliteStore {
         self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// Runs `f` in the next group commit without waiting for it: for writes
-    /// whose loss a crash may cause and a later pass repairs (the fan-out
-    /// mark: the feed finishes a message left unmarked). Failures are logged.
-    fn write_detached<F>(&self, what: &'static str, f: F) -> Result<()>
+    /// Queues `f` for the next group commit; `done` gets its outcome once that commit ends.
+    fn queue<R, F>(&self, f: F, done: impl FnOnce(Result<R>) + Send + 'static) -> Result<()>
     where
-        F: FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
         let op: WriteOp = Box::new(move |conn| {
             let outcome = in_savepoint(conn, f);
-            Box::new(move |commit: Result<()>| {
-                if let Err(e) = commit.and_then(|()| outcome.map_err(Error::from)) {
-                    tracing::warn!(error = %e, "{what} not written");
-                }
-            })
+            Box::new(move |commit: Result<()>| done(commit.and_then(|()| outcome.map_err(Error::from))))
         });
         let sender = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sender = sender.ok_or_else(|| Error::unavailable("the store is closing"))?;
         sender.send(op).map_err(|_| Error::unavailable("the store is closed"))
+    }
+
+    /// Runs `f` in the next group commit without waiting for it: for writes
+    /// whose loss a crash may cause and a later pass repairs (the fan-out
+    /// mark: the feed finishes a message left unmarked). Failures are logged.
+    /// Writes commit in the order they are queued, so it has landed once
+    /// any write queued after it has been answered.
+    fn write_detached<F>(&self, what: &'static str, f: F) -> Result<()>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    {
+        self.queue(f, move |outcome| {
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "{what} not written");
+            }
+        })
     }
 
     /// Runs `f` in the next group commit; answers after that commit.
@@ -281,15 +292,9 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |conn| {
-            let outcome = in_savepoint(conn, f);
-            Box::new(move |commit: Result<()>| {
-                let _ = tx.send(commit.and_then(|()| outcome.map_err(Error::from)));
-            })
-        });
-        let sender = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sender = sender.ok_or_else(|| Error::unavailable("the store is closing"))?;
-        sender.send(op).map_err(|_| Error::unavailable("the store is closed"))?;
+        self.queue(f, move |outcome| {
+            let _ = tx.send(outcome);
+        })?;
         rx.await.map_err(|_| Error::internal("the store's writer stopped"))?
     }
 
