@@ -19,13 +19,13 @@ use aws_lambda_events::encodings::Body;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
+use courier_shared::Courier;
 use courier_shared::auth::Verifier;
 use courier_shared::domain::{Chat, DAY_MS, InboxKey, Limits, Member, Millis};
-use courier_shared::embedded::{Durability, FileBlobs, SqliteStore};
+use courier_shared::embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_shared::handlers::{self, WsResponse};
 use courier_shared::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
 use courier_shared::ports::{Attachment, Clock, FakeClock, Posted, Push, StoredMessage};
-use courier_shared::{Courier, Ports};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -121,16 +121,7 @@ impl World {
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
         let push = Arc::new(Recorder::default());
-        let ports = Ports {
-            chats: Arc::new(store.clone()),
-            devices: Arc::new(store.clone()),
-            messages: Arc::new(store.clone()),
-            attachments: Arc::new(store.clone()),
-            blobs: Arc::new(blobs.clone()),
-            push: push.clone(),
-            jobs: Arc::new(store.clone()),
-            clock: clock.clone(),
-        };
+        let ports = embedded::ports(&store, &blobs, push.clone(), clock.clone());
         World { courier: Courier::new(ports, Limits::default()), store, blobs, push, clock, _dir: dir }
     }
 

@@ -21,11 +21,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, put};
 use axum::serve::ListenerExt;
+use courier_shared::Courier;
 use courier_shared::auth::Verifier;
 use courier_shared::domain::Limits;
 use courier_shared::embedded::{self, FileBlobs, SqliteStore};
 use courier_shared::ports::{Clock, SystemClock};
-use courier_shared::{Courier, Ports};
 use tokio::task::JoinHandle;
 
 pub use config::{Backend, Config};
@@ -55,16 +55,7 @@ fn embedded(
     std::fs::create_dir_all(&config.data_dir)?;
     let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
     let files = FileBlobs::open(&config.data_dir.join("blobs"), public_url)?;
-    let ports = Ports {
-        chats: Arc::new(store.clone()),
-        devices: Arc::new(store.clone()),
-        messages: Arc::new(store.clone()),
-        attachments: Arc::new(store.clone()),
-        blobs: Arc::new(files.clone()),
-        push,
-        jobs: Arc::new(store.clone()),
-        clock: clock.clone(),
-    };
+    let ports = embedded::ports(&store, &files, push, clock.clone());
     // Pushes here go to in-process channels, not HTTP posts: no fan-out is
     // big enough to be worth a trip through the job queue.
     let limits = Limits { inline_push_limit: usize::MAX, ..config.limits.clone() };

@@ -10,3 +10,23 @@ mod sqlite;
 pub use files::{CHECKSUM_HEADER, FileBlobs, Upload, UploadError};
 pub use runners::{spawn_cleanup, spawn_feed, spawn_job_runner};
 pub use sqlite::{Durability, SqliteStore};
+
+use std::sync::Arc;
+
+use crate::Ports;
+use crate::ports::{Clock, Push};
+
+/// Every port on one machine: `store` for the tables and the job queue,
+/// `blobs` for media, and `push` to reach live connections.
+pub fn ports(store: &SqliteStore, blobs: &FileBlobs, push: Arc<dyn Push>, clock: Arc<dyn Clock>) -> Ports {
+    Ports {
+        chats: Arc::new(store.clone()),
+        devices: Arc::new(store.clone()),
+        messages: Arc::new(store.clone()),
+        attachments: Arc::new(store.clone()),
+        blobs: Arc::new(blobs.clone()),
+        push,
+        jobs: Arc::new(store.clone()),
+        clock,
+    }
+}
