@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::dynamodb::{Event as StreamEvent, EventRecord, StreamRecord, StreamViewType};
-use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use courier_shared::aws::aws_sdk_sqs::error::DisplayErrorContext;
 use courier_shared::aws::aws_sdk_sqs::types::QueueAttributeName;
-use courier_shared::aws::{Aws, Meter, Names, aws_config, schema};
+use courier_shared::aws::{Aws, Meter, Names, aws_config, done_receipts, lambda_event, schema};
 use courier_shared::handlers;
 use courier_shared::ports::Clock;
 use courier_shared::{Courier, Ports};
@@ -207,34 +206,10 @@ async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
         if messages.is_empty() {
             continue;
         }
-        let mut event = SqsEvent::default();
-        event.records = messages
-            .iter()
-            .map(|m| {
-                let mut record = SqsMessage::default();
-                record.message_id = m.message_id().map(str::to_owned);
-                record.receipt_handle = m.receipt_handle().map(str::to_owned);
-                record.body = m.body().map(str::to_owned);
-                record.md5_of_body = m.md5_of_body().map(str::to_owned);
-                record.event_source = Some("aws:sqs".to_owned());
-                record
-            })
-            .collect();
-        let response = handlers::deliver(&courier, event).await;
-        for m in &messages {
-            let failed = response
-                .batch_item_failures
-                .iter()
-                .any(|f| Some(f.item_identifier.as_str()) == m.message_id());
-            if !failed
-                && let Err(e) = aws
-                    .sqs
-                    .delete_message()
-                    .queue_url(&url)
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .send()
-                    .await
-            {
+        let response = handlers::deliver(&courier, lambda_event(&messages)).await;
+        for handle in done_receipts(&messages, &response) {
+            let deleted = aws.sqs.delete_message().queue_url(&url).receipt_handle(handle).send().await;
+            if let Err(e) = deleted {
                 tracing::warn!(error = %DisplayErrorContext(e), "deleting a done job failed");
             }
         }

@@ -3,13 +3,12 @@
 //! redelivery. Whatever fails, a message that got SUCCESS reaches every
 //! recipient; when nothing fails, nothing is pushed twice.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::config::interceptors::{
     BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextMut,
 };
@@ -257,30 +256,9 @@ impl World {
             if messages.is_empty() {
                 return batches;
             }
-            let mut event = SqsEvent::default();
-            event.records = messages
-                .iter()
-                .map(|m| {
-                    let mut record = SqsMessage::default();
-                    record.message_id = m.message_id().map(str::to_owned);
-                    record.body = m.body().map(str::to_owned);
-                    record
-                })
-                .collect();
-            let response = handlers::deliver(&self.courier, event).await;
-            let failed: HashSet<String> =
-                response.batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
-            for m in &messages {
-                if !failed.contains(m.message_id().unwrap_or_default()) {
-                    let handle = m.receipt_handle().unwrap_or_default();
-                    self.sqs
-                        .delete_message()
-                        .queue_url(&self.queue)
-                        .receipt_handle(handle)
-                        .send()
-                        .await
-                        .unwrap();
-                }
+            let response = handlers::deliver(&self.courier, super::lambda_event(&messages)).await;
+            for handle in super::done_receipts(&messages, &response) {
+                self.sqs.delete_message().queue_url(&self.queue).receipt_handle(handle).send().await.unwrap();
             }
         }
         panic!("the queue never drained");

@@ -21,7 +21,7 @@ pub use dynamo::DynamoTables;
 pub use meter::{Meter, Usage};
 pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
-pub use sqs::SqsJobs;
+pub use sqs::{SqsJobs, done_receipts, lambda_event};
 /// The SDK crates, for callers that create resources or build clients.
 pub use {aws_config, aws_sdk_apigatewaymanagement, aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sqs};
 

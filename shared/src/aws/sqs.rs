@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_sdk_sqs::types::Message;
 
 use crate::error::{Error, Result};
 use crate::ports::{Clock, Job, Jobs};
@@ -38,4 +40,38 @@ impl Jobs for SqsJobs {
             .map_err(super::sdk_error)?;
         Ok(())
     }
+}
+
+/// The event Lambda's SQS event source mapping makes of received
+/// `messages`: how `deliver` runs off the queue without Lambda
+/// (courier-local's poller, the fault tests).
+pub fn lambda_event(messages: &[Message]) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = messages
+        .iter()
+        .map(|m| {
+            let mut record = SqsMessage::default();
+            record.message_id = m.message_id().map(str::to_owned);
+            record.receipt_handle = m.receipt_handle().map(str::to_owned);
+            record.body = m.body().map(str::to_owned);
+            record.md5_of_body = m.md5_of_body().map(str::to_owned);
+            record.event_source = Some("aws:sqs".to_owned());
+            record
+        })
+        .collect();
+    event
+}
+
+/// The receipt handles of the `messages` that `response` does not report
+/// failed: those are done and get deleted; the failed ones come back.
+pub fn done_receipts<'a>(
+    messages: &'a [Message],
+    response: &'a SqsBatchResponse,
+) -> impl Iterator<Item = &'a str> + 'a {
+    messages
+        .iter()
+        .filter(|m| {
+            !response.batch_item_failures.iter().any(|f| Some(f.item_identifier.as_str()) == m.message_id())
+        })
+        .map(|m| m.receipt_handle().unwrap_or_default())
 }
