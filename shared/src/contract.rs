@@ -67,7 +67,7 @@ pub async fn all(t: &Tables) {
     attachments(t).await;
 }
 
-fn chat_of(id: ChatId, users: &[&UserId]) -> Chat {
+pub(crate) fn chat_of(id: ChatId, users: &[&UserId]) -> Chat {
     Chat {
         id,
         name: "contract".into(),

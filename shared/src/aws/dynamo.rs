@@ -1393,17 +1393,7 @@ mod tests {
         t.devices_of(&[a.clone(), b.clone()], old).await.unwrap();
         assert_eq!(calls.take(), expect(&[("Query", 2)]), "one query per user");
 
-        let chat = Chat {
-            id: ids.chat(now),
-            name: "n".into(),
-            members: vec![
-                Member { user: a.clone(), joined_at: now },
-                Member { user: b.clone(), joined_at: now },
-            ],
-            admins: vec![a.clone()],
-            created_at: now,
-            version: 0,
-        };
+        let chat = crate::contract::chat_of(ids.chat(now), &[&a, &b]);
         t.create_chat(&chat).await.unwrap();
         assert_eq!(calls.take(), expect(&[("BatchWriteItem", 1), ("PutItem", 1)]));
         let mut renamed = chat.clone();
@@ -1542,17 +1532,7 @@ mod tests {
 
         // A participant row whose delete was lost does not bring the chat back.
         let (a, b) = (user("a"), user("b"));
-        let mut group = Chat {
-            id: ids.chat(now),
-            name: "g".into(),
-            members: vec![
-                Member { user: a.clone(), joined_at: now },
-                Member { user: b.clone(), joined_at: now },
-            ],
-            admins: vec![a.clone()],
-            created_at: now,
-            version: 0,
-        };
+        let mut group = crate::contract::chat_of(ids.chat(now), &[&a, &b]);
         t.create_chat(&group).await.unwrap();
         group.remove(&b);
         assert!(t.update_chat(&group, 0).await.unwrap());
