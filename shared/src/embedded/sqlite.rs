@@ -513,6 +513,26 @@ fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     })
 }
 
+/// Each user's device rows, expired or not (what the device cache holds).
+fn every_device_of(c: &Connection, users: Vec<UserId>) -> rusqlite::Result<Vec<(UserId, Vec<Device>)>> {
+    let mut stmt =
+        c.prepare_cached("SELECT device_id, connection_id, last_seen FROM devices WHERE user_id = ?1")?;
+    let mut all = Vec::with_capacity(users.len());
+    for user in users {
+        let rows = stmt.query_map([user.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Millis>(2)?))
+        })?;
+        let mut devices = Vec::new();
+        for row in rows {
+            let (device, connection, last_seen) = row?;
+            let connection = connection.map(id).transpose()?;
+            devices.push(Device { user: user.clone(), id: id(device)?, connection, last_seen });
+        }
+        all.push((user, devices));
+    }
+    Ok(all)
+}
+
 fn delete_device_rows(c: &Connection, user: &str, device: &str) -> rusqlite::Result<()> {
     let inbox = format!("{user}#{device}");
     c.execute("DELETE FROM inbox WHERE inbox = ?1", [&inbox])?;
@@ -717,49 +737,22 @@ impl DeviceStore for SqliteStore {
     }
 
     async fn devices_of(&self, users: &[UserId], expired_before: Millis) -> Result<Vec<Device>> {
-        let mut found: Vec<Option<Vec<Device>>> = users.iter().map(|u| self.inner.devices.get(u)).collect();
-        let missing: Vec<UserId> =
-            users.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(u, _)| u.clone()).collect();
+        let mut devices = Vec::new();
+        let mut missing = Vec::new();
+        for user in users {
+            match self.inner.devices.get(user) {
+                Some(known) => devices.extend(known),
+                None => missing.push(user.clone()),
+            }
+        }
         if !missing.is_empty() {
             let epoch = self.inner.devices.epoch();
-            let read = self
-                .read(move |c| {
-                    let mut stmt = c.prepare_cached(
-                        "SELECT device_id, connection_id, last_seen FROM devices WHERE user_id = ?1",
-                    )?;
-                    let mut all = Vec::with_capacity(missing.len());
-                    for user in missing {
-                        let rows = stmt.query_map([user.as_str()], |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, Option<String>>(1)?,
-                                r.get::<_, Millis>(2)?,
-                            ))
-                        })?;
-                        let mut devices = Vec::new();
-                        for row in rows {
-                            let (device, connection, last_seen) = row?;
-                            let connection = connection.map(id).transpose()?;
-                            devices.push(Device {
-                                user: user.clone(),
-                                id: id(device)?,
-                                connection,
-                                last_seen,
-                            });
-                        }
-                        all.push((user, devices));
-                    }
-                    Ok(all)
-                })
-                .await?;
-            let mut read_iter = read.iter();
-            for slot in found.iter_mut().filter(|f| f.is_none()) {
-                *slot = read_iter.next().map(|(_, devices)| devices.clone());
-            }
+            let read = self.read(move |c| every_device_of(c, missing)).await?;
+            devices.extend(read.iter().flat_map(|(_, theirs)| theirs.iter().cloned()));
             self.inner.devices.fill(epoch, read);
         }
-        let live = found.into_iter().flatten().flatten().filter(|d| d.last_seen >= expired_before);
-        Ok(live.collect())
+        devices.retain(|d| d.last_seen >= expired_before);
+        Ok(devices)
     }
 
     async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>> {
