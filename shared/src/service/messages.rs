@@ -146,12 +146,14 @@ impl Courier {
         }
         let now = self.now();
         let holders = self.ports.messages.holders(id, &message.recipients, now).await?;
-        let users: Vec<UserId> = holders
+        // Once per user, though several of their devices may hold it.
+        let users: BTreeSet<UserId> = holders
             .iter()
             .map(|k| match k {
                 InboxKey::Device(u, _) | InboxKey::Pending(u) => u.clone(),
             })
             .collect();
+        let users: Vec<UserId> = users.into_iter().collect();
         let devices = self.live_devices(&users, now).await?;
         let targets = push_targets(&holders, &devices);
         self.push_message(&message.json, &targets).await?;

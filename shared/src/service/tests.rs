@@ -147,6 +147,23 @@ async fn a_device_unseen_for_30_days_expires_and_frees_its_slot() {
 }
 
 #[tokio::test]
+async fn the_feed_pushes_once_to_each_device_of_a_user_holding_it_on_two() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let bob2 = w.device("bob", "tablet").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    w.push.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = w.send(&alice, &chat, "hi").await;
+    w.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let msg_id = crate::ids::MessageId::try_from(id).unwrap();
+    w.courier.finish_fanout(&chat, &msg_id).await.unwrap();
+    for device in [&bob, &bob2] {
+        assert_eq!(w.push.messages_to(device.connection.as_str()).len(), 1, "{}", device.device);
+    }
+}
+
+#[tokio::test]
 async fn the_feed_finishes_a_fan_out_the_sender_never_marked_and_skips_acked_inboxes() {
     let w = world(Limits::default());
     let alice = w.device("alice", "p").await;
