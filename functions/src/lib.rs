@@ -7,16 +7,30 @@ use courier_shared::auth::Verifier;
 use courier_shared::aws::Aws;
 use courier_shared::{Courier, Error};
 
-/// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`).
+/// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`): a level,
+/// or `target=level` pairs such as `courier_shared=debug,info`. A `Targets`
+/// filter rather than `EnvFilter`, whose span and field filters would link a
+/// regex engine into every bootstrap.
 pub fn init_tracing() {
-    tracing_subscriber::fmt()
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let spec = std::env::var("RUST_LOG").ok();
+    let (filter, bad) = match spec.as_deref().map(str::parse::<Targets>) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
+        None => (Targets::new().with_default(tracing::Level::INFO), None),
+    };
+    let format = tracing_subscriber::fmt::layer()
         .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
         .with_current_span(false)
-        .without_time() // CloudWatch stamps each line
+        .without_time(); // CloudWatch stamps each line
+    tracing_subscriber::registry()
+        .with(format)
+        .with(filter)
         .init();
+    if let Some(e) = bad {
+        tracing::warn!(error = %e, rust_log = spec, "RUST_LOG is not a level or target=level list; logging at info");
+    }
 }
 
 /// The service over the AWS adapters, alive for the whole execution environment.
