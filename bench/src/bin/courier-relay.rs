@@ -24,6 +24,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+// The allocator courier-local runs on: the same stack, allocator included.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The same outbox bound as courier-local: a slow client is cut off, not buffered.
 const OUTBOX: usize = 1024;
 
