@@ -48,8 +48,11 @@ const MMAP_BYTES: i64 = 1 << 30;
 /// The writer's page cache (KiB): the writer keeps its cache across commits,
 /// so the pages its inserts land on stay in memory instead of being read again.
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
-/// How often the checkpointer copies the WAL back into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// The most often the checkpointer copies the WAL back into the database.
+/// Often, so each checkpoint is small: its fsync holds up the WAL writes of
+/// commits behind it (p99 at 2,000 msgs/s: 1.2 to 1.8 ms with 200 ms, 1.0 ms
+/// with 10 to 20 ms; throughput the same).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS chats (
@@ -229,14 +232,15 @@ impl SqliteStore {
         writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let checkpointer = open(path, durability)?;
         let (tx, rx) = mpsc::channel::<WriteOp>();
-        let (stop, stopped) = mpsc::channel::<()>();
+        // One slot: commits made while a checkpoint runs ask for one more, not one each.
+        let (committed, commits) = mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("courier-sqlite-writer".into())
-            .spawn(move || write_loop(writer, rx, stop))
+            .spawn(move || write_loop(writer, rx, committed))
             .map_err(Error::internal)?;
         std::thread::Builder::new()
             .name("courier-sqlite-checkpointer".into())
-            .spawn(move || checkpoint_loop(checkpointer, stopped))
+            .spawn(move || checkpoint_loop(checkpointer, commits))
             .map_err(Error::internal)?;
         let readers = (0..READERS).map(|_| open(path, durability)).collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Self {
@@ -411,24 +415,27 @@ fn in_savepoint<R>(
     }
 }
 
-/// The checkpointer thread: copies committed pages from the WAL into the
-/// database every so often (PASSIVE: it never blocks the writer or readers),
-/// and once more when the writer stops.
-fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+/// The checkpointer thread: after commits, copies their pages from the WAL
+/// into the database (PASSIVE: it never blocks the writer or readers), at
+/// most every [`CHECKPOINT_EVERY`], and once more when the writer stops. An
+/// idle store does not wake it.
+fn checkpoint_loop(conn: Connection, commits: mpsc::Receiver<()>) {
     let checkpoint = || {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "WAL checkpoint failed");
         }
     };
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+    while commits.recv().is_ok() {
         checkpoint();
+        std::thread::sleep(CHECKPOINT_EVERY);
     }
     checkpoint();
 }
 
 /// The writer thread: take what is waiting, run it in one transaction, commit,
-/// answer. `_checkpointer` is dropped when it ends, which stops the checkpointer.
-fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>, _checkpointer: mpsc::Sender<()>) {
+/// answer, and tell the checkpointer. `committed` is dropped when it ends,
+/// which stops the checkpointer.
+fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>, committed: mpsc::SyncSender<()>) {
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
@@ -444,7 +451,11 @@ fn write_loop(mut conn: Connection, ops: mpsc::Receiver<WriteOp>, _checkpointer:
             Ok(completions)
         })();
         match commit {
-            Ok(completions) => completions.into_iter().for_each(|done| done(Ok(()))),
+            Ok(completions) => {
+                // Full means a checkpoint is already asked for.
+                let _ = committed.try_send(());
+                completions.into_iter().for_each(|done| done(Ok(())));
+            }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
                 // The ops were consumed by the failed transaction; their
