@@ -20,14 +20,9 @@ pub fn init_tracing() {
         Some(Err(e)) => (Targets::new().with_default(tracing::Level::INFO), Some(e)),
         None => (Targets::new().with_default(tracing::Level::INFO), None),
     };
-    let format = tracing_subscriber::fmt::layer()
-        .json()
-        .with_current_span(false)
-        .without_time(); // CloudWatch stamps each line
-    tracing_subscriber::registry()
-        .with(format)
-        .with(filter)
-        .init();
+    // No timestamps: CloudWatch stamps each line.
+    let format = tracing_subscriber::fmt::layer().json().with_current_span(false).without_time();
+    tracing_subscriber::registry().with(format).with(filter).init();
     if let Some(e) = bad {
         tracing::warn!(error = %e, rust_log = spec, "RUST_LOG is not a level or target=level list; logging at info");
     }
