@@ -1114,6 +1114,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commits_reach_the_database_file_without_waiting_for_close() {
+        // The writer never checkpoints (wal_autocheckpoint=0): if commits did
+        // not wake the checkpointer, the WAL would only grow while the store runs.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        let body = "x".repeat(1000);
+        for i in 0..200 {
+            let body = body.clone();
+            store
+                .write(move |c| {
+                    c.execute("INSERT INTO jobs (run_at, body) VALUES (?1, ?2)", params![i, body])
+                })
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&path).unwrap().len() < before + 200_000 {
+            assert!(std::time::Instant::now() < deadline, "the rows never left the WAL");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store.close();
+    }
+
+    #[tokio::test]
     async fn a_failing_write_rolls_back_alone_within_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let store =
