@@ -94,6 +94,15 @@ impl World {
         self.courier.send_message(by, cmd).await.unwrap().message_id.to_string()
     }
 
+    /// Sends while every push fails for good, so the send path leaves the
+    /// fan-out mark unset, as a crash between storing and fanning out would.
+    async fn send_unmarked(&self, by: &Caller, chat: &ChatId, text: &str) -> crate::ids::MessageId {
+        self.push.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        let id = self.send(by, chat, text).await;
+        self.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        crate::ids::MessageId::try_from(id).unwrap()
+    }
+
     async fn inbox(&self, of: &Caller) -> Vec<String> {
         let page = self.courier.sync(of, Sync { limit: Some(100), cursor: None }).await.unwrap();
         page.messages
@@ -153,10 +162,7 @@ async fn the_feed_pushes_once_to_each_device_of_a_user_holding_it_on_two() {
     let bob = w.device("bob", "p").await;
     let bob2 = w.device("bob", "tablet").await;
     let chat = w.chat(&alice, &["bob"]).await;
-    w.push.broken.store(true, std::sync::atomic::Ordering::SeqCst);
-    let id = w.send(&alice, &chat, "hi").await;
-    w.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
-    let msg_id = crate::ids::MessageId::try_from(id).unwrap();
+    let msg_id = w.send_unmarked(&alice, &chat, "hi").await;
     w.courier.finish_fanout(&chat, &msg_id).await.unwrap();
     for device in [&bob, &bob2] {
         assert_eq!(w.push.messages_to(device.connection.as_str()).len(), 1, "{}", device.device);
@@ -170,12 +176,7 @@ async fn the_feed_finishes_a_fan_out_the_sender_never_marked_and_skips_acked_inb
     let bob = w.device("bob", "p").await;
     let bob2 = w.device("bob", "tablet").await;
     let chat = w.chat(&alice, &["bob"]).await;
-    // The push fails for good, so the send path leaves the mark unset, as
-    // a crash between storing and fanning out would.
-    w.push.broken.store(true, std::sync::atomic::Ordering::SeqCst);
-    let id = w.send(&alice, &chat, "hi").await;
-    w.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
-    let msg_id = crate::ids::MessageId::try_from(id.clone()).unwrap();
+    let msg_id = w.send_unmarked(&alice, &chat, "hi").await;
     w.courier.ack(&bob2, Ack { message_ids: Some(vec![msg_id.clone()]), message_id: None }).await.unwrap();
 
     let unfinished = w.store.unfinished(w.clock.now() + 1, 10).await.unwrap();
