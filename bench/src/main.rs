@@ -99,7 +99,7 @@ struct Common {
     #[arg(long, global = true)]
     url: Option<String>,
     /// Secret to mint tokens with (the server's COURIER_JWT_SECRET).
-    #[arg(long, global = true, env = "COURIER_JWT_SECRET", default_value = courier_shared::auth::DEV_SECRET, hide_default_value = true, hide_env_values = true)]
+    #[arg(long, global = true, env = "COURIER_JWT_SECRET", default_value = courier_core::auth::DEV_SECRET, hide_default_value = true, hide_env_values = true)]
     secret: String,
     /// Durability of the courier-local the bench starts: process or disk.
     #[arg(long, global = true, default_value = "process", value_parser = ["process", "disk"])]

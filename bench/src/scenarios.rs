@@ -52,7 +52,7 @@ impl Device {
 async fn open(server: &Server, p: &Params, name: &str, topic: Option<&str>) -> anyhow::Result<Device> {
     Ok(match (&server.endpoint, server.target) {
         (Endpoint::Ws(url), Target::Courier) => {
-            let token = courier_shared::auth::mint(p.secret.as_bytes(), name, 24 * 3600);
+            let token = courier_core::auth::mint(p.secret.as_bytes(), name, 24 * 3600);
             Device::Ws(Box::new(Ws::connect(url, &format!("token={token}&deviceId=d")).await?))
         }
         (Endpoint::Ws(url), _) => Device::Ws(Box::new(Ws::connect(url, &format!("id={name}")).await?)),

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use courier_shared::auth::Verifier;
-use courier_shared::aws::Aws;
-use courier_shared::{Courier, Error};
+use courier_aws::Aws;
+use courier_core::auth::Verifier;
+use courier_core::{Courier, Error};
 
 /// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`): a level,
-/// or `target=level` pairs such as `courier_shared=debug,info`. A `Targets`
+/// or `target=level` pairs such as `courier_core=debug,info`. A `Targets`
 /// filter rather than `EnvFilter`, whose span and field filters would link a
 /// regex engine into every bootstrap.
 pub fn init_tracing() {

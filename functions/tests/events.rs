@@ -19,13 +19,14 @@ use aws_lambda_events::encodings::Body;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
-use courier_shared::Courier;
-use courier_shared::auth::Verifier;
-use courier_shared::domain::{Chat, DAY_MS, InboxKey, Limits, Member, Millis};
-use courier_shared::embedded::{self, Durability, FileBlobs, SqliteStore};
-use courier_shared::handlers::{self, WsResponse};
-use courier_shared::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
-use courier_shared::ports::{Attachment, Clock, FakeClock, Posted, Push, StoredMessage};
+use courier_aws::lambda::{self, WsResponse};
+use courier_core::Courier;
+use courier_core::auth::Verifier;
+use courier_core::domain::{Chat, DAY_MS, InboxKey, Limits, Member, Millis};
+use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
+use courier_core::ports::{Attachment, Clock, Posted, Push, StoredMessage};
+use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
+use courier_testkit::FakeClock;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -80,13 +81,13 @@ struct Recorder {
 
 #[async_trait]
 impl Push for Recorder {
-    async fn post(&self, connection: &ConnectionId, frame: &str) -> courier_shared::Result<Posted> {
+    async fn post(&self, connection: &ConnectionId, frame: &str) -> courier_core::Result<Posted> {
         let frame = serde_json::from_str(frame).expect("pushes are JSON frames");
         self.posted.lock().unwrap().push((connection.to_string(), frame));
         Ok(Posted::Sent)
     }
 
-    async fn close(&self, connection: &ConnectionId) -> courier_shared::Result<()> {
+    async fn close(&self, connection: &ConnectionId) -> courier_core::Result<()> {
         self.closed.lock().unwrap().push(connection.to_string());
         Ok(())
     }
@@ -121,7 +122,7 @@ impl World {
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
         let push = Arc::new(Recorder::default());
-        let ports = embedded::ports(&store, &blobs, push.clone(), clock.clone());
+        let ports = courier_embedded::ports(&store, &blobs, push.clone(), clock.clone());
         World { courier: Courier::new(ports, Limits::default()), store, blobs, push, clock, _dir: dir }
     }
 
@@ -200,12 +201,12 @@ fn the_authorizer_event_names_alice_and_her_device() {
     let request: ApiGatewayCustomAuthorizerRequestTypeRequest = event("authorizer");
     let verifier = Verifier::hs256(EVENTS_SECRET).unwrap();
     let response =
-        handlers::authorizer(&verifier, &request).expect("the token in events/authorizer.json is valid");
+        lambda::authorizer(&verifier, &request).expect("the token in events/authorizer.json is valid");
     assert_eq!(response.principal_id.as_deref(), Some("alice"));
     let statement = &response.policy_document.statement[0];
     assert_eq!(statement.action, ["execute-api:Invoke"]);
     assert_eq!(statement.resource, [request.method_arn.clone().unwrap()], "allowed on this very $connect");
-    let context = handlers::authorizer_context(&response);
+    let context = lambda::authorizer_context(&response);
     assert_eq!(context["userId"], "alice");
     assert_eq!(context["deviceId"], "phone");
 
@@ -218,13 +219,13 @@ fn the_authorizer_event_names_alice_and_her_device() {
     }
 
     let other = Verifier::hs256(b"some other secret").unwrap();
-    assert!(handlers::authorizer(&other, &request).is_err(), "a token is checked against the secret");
+    assert!(lambda::authorizer(&other, &request).is_err(), "a token is checked against the secret");
 }
 
 #[tokio::test]
 async fn connect_registers_the_device() {
     let w = World::new();
-    let response = handlers::connect(&w.courier, event("connect")).await;
+    let response = lambda::connect(&w.courier, event("connect")).await;
     assert_eq!(response.status_code, 200, "connected");
     let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
     assert_eq!(devices.len(), 1);
@@ -236,7 +237,7 @@ async fn connect_registers_the_device() {
 async fn disconnect_unbinds_the_connection() {
     let w = World::new();
     w.connect("alice", "phone", &w.caller_connection("disconnect")).await;
-    let response = handlers::disconnect(&w.courier, event("disconnect")).await;
+    let response = lambda::disconnect(&w.courier, event("disconnect")).await;
     assert_eq!(response.status_code, 200);
     let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
     assert_eq!(devices[0].connection, None, "the device has no live connection any more");
@@ -244,7 +245,7 @@ async fn disconnect_unbinds_the_connection() {
 
 #[tokio::test]
 async fn default_answers_an_unknown_action() {
-    let answer = answer(&handlers::default(event("default")).await);
+    let answer = answer(&lambda::default(event("default")));
     let asked = frame("default");
     assert_eq!(answer["status"], "FAILURE");
     assert_eq!(answer["error"]["code"], "UNKNOWN_ACTION");
@@ -256,7 +257,7 @@ async fn default_answers_an_unknown_action() {
 async fn create_chat_makes_the_chat_and_tells_its_participants() {
     let w = World::new();
     w.connect("bob", "laptop", "bob-laptop").await;
-    let data = success("create-chat", &handlers::create_chat(&w.courier, event("create-chat")).await);
+    let data = success("create-chat", &lambda::command(&w.courier, event("create-chat")).await);
     assert!(is_ulid(&data["chatId"]), "{data}");
     let chats = w.courier.ports().chats.chats_of(&user("bob")).await.unwrap();
     assert_eq!(chats.len(), 1);
@@ -272,7 +273,7 @@ async fn send_message_stores_and_pushes() {
     w.chat(asked["chatId"].as_str().unwrap()).await;
     w.connect("alice", "phone", &w.caller_connection("send-message")).await;
     w.connect("bob", "laptop", "bob-laptop").await;
-    let data = success("send-message", &handlers::send_message(&w.courier, event("send-message")).await);
+    let data = success("send-message", &lambda::command(&w.courier, event("send-message")).await);
     assert!(is_ulid(&data["messageId"]) && data["timestamp"].is_i64(), "{data}");
     let pushed = w.push.to("bob-laptop", "newMessage");
     assert_eq!(pushed.len(), 1, "bob's laptop gets it at once");
@@ -287,7 +288,7 @@ async fn send_message_stores_and_pushes() {
     assert_eq!(held.len(), 1, "and it waits in bob's inbox until acked");
 
     // The same event again (a retry) is the same message, delivered once.
-    let again = success("send-message", &handlers::send_message(&w.courier, event("send-message")).await);
+    let again = success("send-message", &lambda::command(&w.courier, event("send-message")).await);
     assert_eq!(again["messageId"], data["messageId"], "clientMessageId makes a retry harmless");
     assert_eq!(w.push.to("bob-laptop", "newMessage").len(), 1);
 }
@@ -296,10 +297,7 @@ async fn send_message_stores_and_pushes() {
 async fn create_attachment_presigns_an_upload() {
     let w = World::new();
     let asked = frame("create-attachment");
-    let data = success(
-        "create-attachment",
-        &handlers::create_attachment(&w.courier, event("create-attachment")).await,
-    );
+    let data = success("create-attachment", &lambda::command(&w.courier, event("create-attachment")).await);
     assert!(is_ulid(&data["attachmentId"]), "{data}");
     assert!(data["uploadUrl"].as_str().is_some_and(|u| u.starts_with("http://blobs.test/")), "{data}");
     assert!(data["uploadHeaders"]["x-amz-checksum-sha256"].is_string(), "{data}");
@@ -331,8 +329,7 @@ async fn get_attachment_presigns_a_download_of_an_upload() {
     upload.write(ATTACHMENT_BODY).await.unwrap();
     upload.finish().await.unwrap();
 
-    let data =
-        success("get-attachment", &handlers::get_attachment(&w.courier, event("get-attachment")).await);
+    let data = success("get-attachment", &lambda::command(&w.courier, event("get-attachment")).await);
     assert_eq!(data["attachmentId"], attachment.id.as_str());
     assert!(data["downloadUrl"].as_str().is_some_and(|u| u.starts_with("http://blobs.test/")), "{data}");
     assert_eq!(data["contentType"], attachment.content_type);
@@ -346,7 +343,7 @@ async fn modify_chat_participants_adds_carol() {
     let asked = frame("modify-chat-participants");
     w.chat(asked["chatId"].as_str().unwrap()).await;
     w.connect("bob", "laptop", "bob-laptop").await;
-    let response = handlers::modify_chat_participants(&w.courier, event("modify-chat-participants")).await;
+    let response = lambda::command(&w.courier, event("modify-chat-participants")).await;
     let data = success("modify-chat-participants", &response);
     assert_eq!(data["participants"], json!(["alice", "bob", asked["userId"]]));
     assert_eq!(w.push.to("bob-laptop", "chatUpdate").len(), 1, "participants hear of the change");
@@ -356,7 +353,7 @@ async fn modify_chat_participants_adds_carol() {
 async fn list_chats_lists_the_callers_chats() {
     let w = World::new();
     let chat = w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
-    let data = success("list-chats", &handlers::list_chats(&w.courier, event("list-chats")).await);
+    let data = success("list-chats", &lambda::command(&w.courier, event("list-chats")).await);
     assert_eq!(
         data["chats"],
         json!([{"chatId": chat.id.as_str(), "name": chat.name, "participants": ["alice", "bob"], "admins": ["alice"]}])
@@ -367,7 +364,7 @@ async fn list_chats_lists_the_callers_chats() {
 async fn sync_returns_a_page_of_the_inbox() {
     let w = World::new();
     let message = w.message().await;
-    let data = success("sync", &handlers::sync(&w.courier, event("sync")).await);
+    let data = success("sync", &lambda::command(&w.courier, event("sync")).await);
     let messages = data["messages"].as_array().expect("a page");
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0]["messageId"], message.id.as_str());
@@ -379,9 +376,9 @@ async fn ack_removes_from_the_inbox() {
     let w = World::new();
     let message = w.message().await;
     assert_eq!(frame("ack")["messageIds"], json!([message.id.as_str()]));
-    let data = success("ack", &handlers::ack(&w.courier, event("ack")).await);
+    let data = success("ack", &lambda::command(&w.courier, event("ack")).await);
     assert_eq!(data["acked"], 1);
-    let page = success("sync", &handlers::sync(&w.courier, event("sync")).await);
+    let page = success("sync", &lambda::command(&w.courier, event("sync")).await);
     assert_eq!(page["messages"], json!([]), "never seen again");
 }
 
@@ -391,7 +388,7 @@ async fn remove_device_removes_another_device_and_closes_it() {
     w.connect("alice", "phone", &w.caller_connection("remove-device")).await;
     w.connect("alice", "tablet", "alice-tablet").await;
     assert_eq!(frame("remove-device")["deviceId"], "tablet");
-    let data = success("remove-device", &handlers::remove_device(&w.courier, event("remove-device")).await);
+    let data = success("remove-device", &lambda::command(&w.courier, event("remove-device")).await);
     assert_eq!(data, json!({}));
     assert_eq!(*w.push.closed.lock().unwrap(), ["alice-tablet"]);
     let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
@@ -402,7 +399,7 @@ async fn remove_device_removes_another_device_and_closes_it() {
 async fn fanout_schedules_a_check_of_an_unmarked_message() {
     let w = World::new();
     let message = w.message().await;
-    let response = handlers::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
+    let response = lambda::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     let jobs = w.store.due_jobs(10).await.unwrap();
     assert_eq!(jobs.len(), 1, "one delayed check");
@@ -415,7 +412,7 @@ async fn fanout_schedules_a_check_of_an_unmarked_message() {
     // Once the send path has marked it, the stream costs one read and nothing more.
     w.courier.ports().messages.mark_fanned_out(&message.chat, &message.id).await.unwrap();
     w.store.complete_job(jobs[0].0).await.unwrap();
-    let response = handlers::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
+    let response = lambda::fanout(&w.courier, event::<StreamEvent>("fanout"), Duration::ZERO).await;
     assert!(response.batch_item_failures.is_empty());
     assert!(w.store.due_jobs(10).await.unwrap().is_empty());
 }
@@ -428,7 +425,7 @@ async fn deliver_pushes_the_job_to_inboxes_still_holding_it() {
     let job: Value = serde_json::from_str(sqs.records[0].body.as_deref().unwrap()).unwrap();
     let target = job["targets"][0]["connectionId"].as_str().unwrap().to_owned();
     w.connect("alice", "phone", &target).await;
-    let response = handlers::deliver(&w.courier, sqs).await;
+    let response = lambda::deliver(&w.courier, sqs).await;
     assert!(response.batch_item_failures.is_empty(), "{response:?}");
     let pushed = w.push.to(&target, "newMessage");
     assert_eq!(pushed.len(), 1);
@@ -442,7 +439,7 @@ async fn cleanup_expires_devices_unseen_for_30_days() {
     w.courier.disconnect(&connection("carol-old")).await.unwrap();
     w.clock.advance(31 * DAY_MS + 60_000);
     let _: EventBridgeEvent = event("cleanup");
-    handlers::cleanup(&w.courier).await.expect("cleanup");
+    lambda::cleanup(&w.courier).await.expect("cleanup");
     let devices = w.courier.ports().devices.devices_of(&[user("carol")], 0).await.unwrap();
     assert!(devices.is_empty(), "the device is gone: {devices:?}");
 }

@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use courier_shared::aws::{ENV_VARS, schema};
-use courier_shared::handlers::{CONNECT, DEFAULT, DISCONNECT};
-use courier_shared::protocol::Action;
+use courier_aws::lambda::{CONNECT, DEFAULT, DISCONNECT};
+use courier_aws::{ENV_VARS, schema};
+use courier_core::protocol::Action;
 use saphyr::{LoadableYamlNode, Scalar, Yaml};
 use serde_json::{Map, Value, json};
 

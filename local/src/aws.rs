@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use aws_lambda_events::dynamodb::{Event as StreamEvent, EventRecord, StreamRecord, StreamViewType};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
-use courier_shared::aws::aws_sdk_sqs::error::DisplayErrorContext;
-use courier_shared::aws::aws_sdk_sqs::types::QueueAttributeName;
-use courier_shared::aws::{Aws, Meter, Names, aws_config, done_receipts, lambda_event, schema};
-use courier_shared::handlers;
-use courier_shared::ports::Clock;
-use courier_shared::{Courier, Ports};
+use courier_aws::aws_sdk_sqs::error::DisplayErrorContext;
+use courier_aws::aws_sdk_sqs::types::QueueAttributeName;
+use courier_aws::lambda;
+use courier_aws::{Aws, Names, Watcher, aws_config, done_receipts, lambda_event, schema};
+use courier_core::ports::Clock;
+use courier_core::{Courier, Ports};
 use tokio::task::JoinHandle;
 
 /// Lambda polls a stream shard four times a second.
@@ -36,15 +36,15 @@ pub struct Backend {
 
 impl Backend {
     /// Creates (where missing) the tables, queues and bucket named with
-    /// `prefix`, and builds the clients, with `meter` on them if given.
+    /// `prefix`, and builds the clients, with `watcher` on them if given.
     /// Pushes go to `connections_endpoint`.
     pub async fn provision(
         config: &aws_config::SdkConfig,
         prefix: &str,
         connections_endpoint: &str,
-        meter: Option<&Meter>,
+        watcher: Option<&dyn Watcher>,
     ) -> anyhow::Result<Backend> {
-        let sqs = courier_shared::aws::aws_sdk_sqs::Client::new(config);
+        let sqs = courier_aws::aws_sdk_sqs::Client::new(config);
         let dlq = sqs.create_queue().queue_name(format!("{prefix}-jobs-dlq")).send().await?;
         let dlq_arn = sqs
             .get_queue_attributes()
@@ -64,8 +64,8 @@ impl Backend {
             .send()
             .await?;
         let names = Names::prefixed(prefix, queue.queue_url().unwrap_or_default(), connections_endpoint);
-        let aws = match meter {
-            Some(meter) => Aws::with_meter(config, names, meter),
+        let aws = match watcher {
+            Some(watcher) => Aws::watched(config, names, watcher),
             None => Aws::new(config, names),
         };
         schema::create_tables(&aws.dynamodb, &aws.names).await?;
@@ -131,7 +131,7 @@ async fn follow_stream(
             if !records.is_empty() {
                 let mut event = StreamEvent::default();
                 event.records = records;
-                let response = handlers::fanout(courier, event, FANOUT_CHECK).await;
+                let response = lambda::fanout(courier, event, FANOUT_CHECK).await;
                 if let Some(failed) = response.batch_item_failures.first() {
                     // Lambda retries from the first failed record; so do we.
                     let seq = failed.item_identifier.clone().unwrap_or_default();
@@ -191,7 +191,7 @@ async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
             .max_number_of_messages(10)
             .wait_time_seconds(1)
             .message_system_attribute_names(
-                courier_shared::aws::aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+                courier_aws::aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
             )
             .send()
             .await;
@@ -206,7 +206,7 @@ async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
         if messages.is_empty() {
             continue;
         }
-        let response = handlers::deliver(&courier, lambda_event(&messages)).await;
+        let response = lambda::deliver(&courier, lambda_event(&messages)).await;
         for handle in done_receipts(&messages, &response) {
             let deleted = aws.sqs.delete_message().queue_url(&url).receipt_handle(handle).send().await;
             if let Err(e) = deleted {

@@ -6,10 +6,10 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use courier_shared::Courier;
-use courier_shared::embedded::{FileBlobs, UploadError};
-use courier_shared::ids::AttachmentId;
-use courier_shared::ports::{Attachment, Clock, SystemClock};
+use courier_core::Courier;
+use courier_core::ids::AttachmentId;
+use courier_core::ports::{Attachment, Clock, SystemClock};
+use courier_embedded::{FileBlobs, UploadError};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
@@ -73,10 +73,8 @@ pub async fn upload(
             )));
         }
         let length = header("content-length").and_then(|v| v.parse().ok());
-        let mut upload = state
-            .files
-            .begin_upload(&attachment, header(courier_shared::embedded::CHECKSUM_HEADER), length)
-            .await?;
+        let mut upload =
+            state.files.begin_upload(&attachment, header(courier_embedded::CHECKSUM_HEADER), length).await?;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk: Bytes = match chunk {

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use courier_shared::domain::Limits;
-use courier_shared::embedded::Durability;
-use courier_shared::ratelimit::RateLimit;
+use courier_core::domain::Limits;
+use courier_core::ratelimit::RateLimit;
+use courier_embedded::Durability;
 
 /// What the handlers run on.
 #[derive(Clone, Debug, Default)]
@@ -18,7 +18,7 @@ pub enum Backend {
     /// `{prefix}-jobs`... The SDK config comes from the environment
     /// (`AWS_ENDPOINT_URL` pointing at moto, say) unless one is given.
     #[cfg(feature = "aws")]
-    Aws { prefix: String, sdk: Option<Box<courier_shared::aws::aws_config::SdkConfig>> },
+    Aws { prefix: String, sdk: Option<Box<courier_aws::aws_config::SdkConfig>> },
 }
 
 #[derive(Clone, Debug)]
@@ -40,9 +40,10 @@ pub struct Config {
     pub hard_frame_bytes: usize,
     pub rate_limit: RateLimit,
     pub limits: Limits,
-    /// On the AWS backend, counts every request the AWS clients make (the cost tests read it).
+    /// On the AWS backend, sees every request the AWS clients make (the
+    /// cost tests put the test kit's meter here).
     #[cfg(feature = "aws")]
-    pub meter: Option<courier_shared::aws::Meter>,
+    pub watcher: Option<std::sync::Arc<dyn courier_aws::Watcher>>,
 }
 
 impl Default for Config {
@@ -51,7 +52,7 @@ impl Default for Config {
             backend: Backend::default(),
             addr: ([127, 0, 0, 1], 3001).into(),
             data_dir: PathBuf::from(".courier"),
-            jwt_secret: courier_shared::auth::DEV_SECRET.to_owned(),
+            jwt_secret: courier_core::auth::DEV_SECRET.to_owned(),
             public_url: None,
             durability: Durability::default(),
             idle_timeout: Duration::from_secs(600),
@@ -61,7 +62,7 @@ impl Default for Config {
             rate_limit: RateLimit::default(),
             limits: Limits::default(),
             #[cfg(feature = "aws")]
-            meter: None,
+            watcher: None,
         }
     }
 }

@@ -9,21 +9,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use courier_shared::auth::Verifier;
-use courier_shared::handlers::{self, WsResponse};
-use courier_shared::ids::ConnectionId;
-use courier_shared::ports::{Clock, Posted, Push, SystemClock};
-use courier_shared::protocol::ErrorCode;
-use courier_shared::ratelimit::TokenBucket;
-use courier_shared::{Courier, Result};
+use courier_core::auth::Verifier;
+use courier_core::dispatch::{dispatch, refusal};
+use courier_core::domain::Caller;
+use courier_core::ids::{ConnectionId, DeviceId};
+use courier_core::ports::{Clock, Posted, Push, SystemClock};
+use courier_core::protocol::ErrorCode;
+use courier_core::ratelimit::TokenBucket;
+use courier_core::{Courier, Error, Result};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 
 use crate::Config;
@@ -191,27 +190,26 @@ pub async fn upgrade(
             .into_response();
     };
 
-    let mut request = ApiGatewayCustomAuthorizerRequestTypeRequest::default();
-    request.type_ = Some("REQUEST".to_owned());
-    request.method_arn = Some("arn:aws:execute-api:local:000000000000:courier/local/$connect".to_owned());
-    request.query_string_parameters = query.clone().into();
-    let authorized = match handlers::authorizer(&gateway.verifier, &request) {
-        Ok(authorized) => authorized,
+    // The authorizer's part: a valid token names the user (401 otherwise).
+    let token = query.get("token").map(String::as_str).unwrap_or_default();
+    let user = match gateway.verifier.verify(token) {
+        Ok(user) => user,
         Err(e) => {
             tracing::debug!(reason = %e, "connection refused");
-            return (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({ "message": "Unauthorized" })))
-                .into_response();
+            return refuse(StatusCode::UNAUTHORIZED);
         }
     };
-    let context: HashMap<String, Value> = handlers::authorizer_context(&authorized);
+    // $connect's part: a well-formed deviceId (400), a free device slot (403).
+    let Ok(device) = DeviceId::try_from(query.get("deviceId").map(String::as_str).unwrap_or_default()) else {
+        return refuse(StatusCode::BAD_REQUEST);
+    };
 
     let id = new_connection_id();
     let now = gateway.clock.now();
     let (outbox, inbox) = mpsc::channel(OUTBOX);
-    let field = |name: &str| context.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
     let connection = Arc::new(Connection {
-        user: field(handlers::AUTHORIZER_USER),
-        device: field(handlers::AUTHORIZER_DEVICE),
+        user: user.to_string(),
+        device: device.to_string(),
         outbox,
         kill: Arc::new(Notify::new()),
         connected_at: now,
@@ -222,44 +220,48 @@ pub async fn upgrade(
     // Registered before $connect runs so that no push in between is lost;
     // until the upgrade completes, frames wait in the outbox.
     gateway.connections.insert(id.clone(), connection.clone());
-
-    let event = handlers::ws_event(handlers::CONNECT, &id, &context, None, now);
-    let answer = handlers::connect(&gateway.courier, event).await;
-    if answer.status_code != 200 {
+    if let Err(e) = gateway.courier.connect(&user, &device, &id).await {
         gateway.connections.remove_if(&id, &connection);
-        let status =
-            StatusCode::from_u16(answer.status_code as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (status, axum::Json(serde_json::json!({ "message": status.canonical_reason() })))
-            .into_response();
+        return refuse(match e {
+            Error::LimitExceeded(_) => StatusCode::FORBIDDEN,
+            e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            e => {
+                tracing::error!(error = %e, "connect failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        });
     }
+    // From here on the connection speaks as this caller, fixed at $connect.
+    let caller = Caller { user, device, connection: id };
 
     let limit = gateway.config.hard_frame_bytes;
     // Weak: axum keeps this callback until the socket ends, and a strong
     // handle would keep the outbox open so the writer never finished.
-    let failed = (gateway.clone(), id.clone(), Arc::downgrade(&connection), context.clone());
+    let failed = (gateway.clone(), caller.connection.clone(), Arc::downgrade(&connection));
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .on_failed_upgrade(move |_| {
-            let (gateway, id, connection, context) = failed;
+            let (gateway, id, connection) = failed;
             if let Some(connection) = connection.upgrade() {
-                tokio::spawn(async move { hang_up(&gateway, &id, &connection, &context).await });
+                tokio::spawn(async move { hang_up(&gateway, &id, &connection).await });
             }
         })
-        .on_upgrade(move |socket| run(gateway, socket, id, connection, inbox, context))
+        .on_upgrade(move |socket| run(gateway, socket, caller, connection, inbox))
+}
+
+/// A refused upgrade, with API Gateway's body.
+fn refuse(status: StatusCode) -> Response {
+    (status, axum::Json(serde_json::json!({ "message": status.canonical_reason() }))).into_response()
 }
 
 /// Ends a connection: forget it, then run $disconnect.
-async fn hang_up(
-    gateway: &Gateway,
-    id: &ConnectionId,
-    connection: &Arc<Connection>,
-    context: &HashMap<String, Value>,
-) {
+async fn hang_up(gateway: &Gateway, id: &ConnectionId, connection: &Arc<Connection>) {
     gateway.connections.remove_if(id, connection);
-    let event = handlers::ws_event(handlers::DISCONNECT, id, context, None, gateway.clock.now());
-    handlers::disconnect(&gateway.courier, event).await;
+    if let Err(e) = gateway.courier.disconnect(id).await {
+        tracing::error!(error = %e, "disconnect failed");
+    }
 }
 
 /// One socket's life: frames in go to their route's handler; answers and
@@ -267,10 +269,9 @@ async fn hang_up(
 async fn run(
     gateway: Arc<Gateway>,
     socket: WebSocket,
-    id: ConnectionId,
+    caller: Caller,
     connection: Arc<Connection>,
     mut outbox: mpsc::Receiver<Outbound>,
-    context: HashMap<String, Value>,
 ) {
     let (mut sink, mut stream) = socket.split();
     // Whatever is queued when the writer wakes goes out in one flush: under
@@ -333,9 +334,8 @@ async fn run(
         let text = match frame {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                let refusal =
-                    handlers::refusal("", ErrorCode::BadRequest, "frames are JSON text, not binary");
-                let _ = connection.outbox.try_send(Outbound::Text(refusal));
+                let refused = refusal("", ErrorCode::BadRequest, "frames are JSON text, not binary");
+                let _ = connection.outbox.try_send(Outbound::Text(refused));
                 continue;
             }
             Message::Close(_) => break,
@@ -343,16 +343,14 @@ async fn run(
         };
         let started = Instant::now();
         let reply = if !bucket.take() {
-            Some(handlers::refusal(&text, ErrorCode::RateLimited, "rate limit reached: slow down"))
+            Some(refusal(&text, ErrorCode::RateLimited, "rate limit reached: slow down"))
         } else if text.len() > config.max_frame_bytes {
             let message = format!("a frame is at most {} bytes", config.max_frame_bytes);
-            Some(handlers::refusal(&text, ErrorCode::LimitExceeded, &message))
+            Some(refusal(&text, ErrorCode::LimitExceeded, &message))
         } else {
-            let route = handlers::select_route(&text);
-            let event = handlers::ws_event(route, &id, &context, Some(text.to_string()), gateway.clock.now());
-            // Boxed: inline, the largest handler's state would sit in every
+            // Boxed: inline, the largest command's state would sit in every
             // idle connection's task for its whole life.
-            body(Box::pin(handlers::route(&gateway.courier, event)).await)
+            Box::pin(dispatch(&gateway.courier, &caller, &text)).await
         };
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "frame handled");
         if let Some(reply) = reply
@@ -361,16 +359,8 @@ async fn run(
             break;
         }
     }
-    Box::pin(hang_up(&gateway, &id, &connection, &context)).await;
+    Box::pin(hang_up(&gateway, &caller.connection, &connection)).await;
     // Let the writer flush what is queued (a close frame, a last answer).
     drop(connection);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
-}
-
-fn body(response: WsResponse) -> Option<String> {
-    match response.body? {
-        aws_lambda_events::encodings::Body::Text(text) => Some(text),
-        aws_lambda_events::encodings::Body::Binary(bytes) => String::from_utf8(bytes).ok(),
-        _ => None,
-    }
 }

@@ -21,11 +21,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, put};
 use axum::serve::ListenerExt;
-use courier_shared::Courier;
-use courier_shared::auth::Verifier;
-use courier_shared::domain::Limits;
-use courier_shared::embedded::{self, FileBlobs, SqliteStore};
-use courier_shared::ports::{Clock, SystemClock};
+use courier_core::Courier;
+use courier_core::auth::Verifier;
+use courier_core::domain::Limits;
+use courier_core::ports::{Clock, SystemClock};
+use courier_embedded::{self as embedded, FileBlobs, SqliteStore};
 use tokio::task::JoinHandle;
 
 pub use config::{Backend, Config};
@@ -80,17 +80,17 @@ fn embedded(
 async fn on_aws(
     config: &Config,
     prefix: &str,
-    sdk: Option<courier_shared::aws::aws_config::SdkConfig>,
+    sdk: Option<courier_aws::aws_config::SdkConfig>,
     addr: SocketAddr,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Started> {
-    use courier_shared::aws::aws_config;
+    use courier_aws::aws_config;
     let sdk = match sdk {
         Some(sdk) => sdk,
         None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
     };
     let endpoint = format!("http://{addr}");
-    let backend = aws::Backend::provision(&sdk, prefix, &endpoint, config.meter.as_ref()).await?;
+    let backend = aws::Backend::provision(&sdk, prefix, &endpoint, config.watcher.as_deref()).await?;
     let courier = Arc::new(Courier::new(backend.ports(clock), config.limits.clone()));
     let mut tasks = Vec::from(backend.spawn(courier.clone()));
     tasks.push(embedded::spawn_cleanup(courier.clone(), None, CLEANUP_EVERY));

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use courier_core::ratelimit::RateLimit;
+use courier_embedded::Durability;
 use courier_local::{Backend, Config};
-use courier_shared::embedded::Durability;
-use courier_shared::ratelimit::RateLimit;
 
 // Every frame allocates (event, JSON, strings) on one worker and frees on
 // another; glibc's malloc spent a third of the workers' time doing that.
@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, env = "COURIER_DATA_DIR", default_value = ".courier")]
     data_dir: PathBuf,
     /// HS256 secret that tokens are verified with.
-    #[arg(long, env = "COURIER_JWT_SECRET", default_value = courier_shared::auth::DEV_SECRET, hide_default_value = true)]
+    #[arg(long, env = "COURIER_JWT_SECRET", default_value = courier_core::auth::DEV_SECRET, hide_default_value = true)]
     jwt_secret: String,
     /// Base URL of the blob links handed to clients (default: http://ADDR).
     #[arg(long, env = "COURIER_PUBLIC_URL")]
@@ -83,8 +83,8 @@ enum DurabilityArg {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Token { user, ttl }) = &cli.command {
-        courier_shared::ids::UserId::try_from(user.as_str()).map_err(anyhow::Error::msg)?;
-        println!("{}", courier_shared::auth::mint(cli.jwt_secret.as_bytes(), user, *ttl));
+        courier_core::ids::UserId::try_from(user.as_str()).map_err(anyhow::Error::msg)?;
+        println!("{}", courier_core::auth::mint(cli.jwt_secret.as_bytes(), user, *ttl));
         return Ok(());
     }
     tracing_subscriber::fmt()

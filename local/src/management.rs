@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use courier_shared::ids::ConnectionId;
+use courier_core::ids::ConnectionId;
 
 use crate::gateway::{Connections, Outbound};
 

@@ -9,17 +9,17 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use courier_core::auth::{DEV_SECRET, mint};
+use courier_core::protocol::AttachmentCreated;
 use courier_local::{Backend, Config};
-use courier_shared::auth::{DEV_SECRET, mint};
-use courier_shared::client::{CallError, Client, ConnectError};
-use courier_shared::protocol::AttachmentCreated;
+use courier_testkit::client::{CallError, Client, ConnectError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 
-pub use courier_shared::client;
-pub use courier_shared::protocol::ErrorCode;
+pub use courier_core::protocol::ErrorCode;
+pub use courier_testkit::client;
 
 /// How long a test waits for something that should happen.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -48,7 +48,7 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
         if on_aws() {
-            let moto = courier_shared::aws::moto::shared().await;
+            let moto = courier_testkit::moto::shared().await;
             config.backend = Backend::Aws { prefix: fresh_prefix(), sdk: Some(Box::new(moto.sdk_config())) };
         }
         tweak(&mut config);
@@ -192,7 +192,7 @@ impl Process {
                 use std::hash::BuildHasher;
                 std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(data_dir)
             });
-            let moto = courier_shared::aws::moto::shared().await;
+            let moto = courier_testkit::moto::shared().await;
             command
                 .env("COURIER_BACKEND", "aws")
                 .env("COURIER_AWS_PREFIX", prefix)

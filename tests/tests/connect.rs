@@ -48,7 +48,7 @@ async fn a_missing_or_unreadable_token_is_refused_with_401() {
 #[tokio::test]
 async fn an_expired_token_is_refused_with_401() {
     let server = Server::start().await;
-    let expired = courier_shared::auth::mint(server.config.jwt_secret.as_bytes(), "alice", -60);
+    let expired = courier_core::auth::mint(server.config.jwt_secret.as_bytes(), "alice", -60);
     assert_eq!(refusal(&server, &expired, "phone").await, 401);
 }
 

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use courier_local::Backend;
-use courier_shared::aws::{Meter, Usage, moto};
+use courier_testkit::{Meter, Usage, moto};
 use courier_tests::client::Client;
 use courier_tests::{Server, WAIT, next_of_type, put_upload, sha256_hex};
 use serde_json::{Value, json};
@@ -255,7 +255,7 @@ async fn each_command_costs_what_docs_cost_md_says() {
     let prefix = format!("cost{:x}", std::process::id());
     let server = Server::start_with(|config| {
         config.backend = Backend::Aws { prefix, sdk: Some(Box::new(moto.sdk_config())) };
-        config.meter = Some(meter.clone());
+        config.watcher = Some(std::sync::Arc::new(meter.clone()));
         // Fifty sends in a row is a test, not abuse.
         config.rate_limit.capacity = 1000.0;
     })
@@ -459,7 +459,7 @@ async fn each_command_costs_what_docs_cost_md_says() {
         )
         .await,
     );
-    let created: courier_shared::protocol::AttachmentCreated = serde_json::from_value(data).unwrap();
+    let created: courier_core::protocol::AttachmentCreated = serde_json::from_value(data).unwrap();
     // The client's PUT goes to S3 itself: no request of ours, but a PUT on the bill.
     assert_eq!(put_upload(&created, &photo).await.status, 200);
     let attachment = created.attachment_id.to_string();

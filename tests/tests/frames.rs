@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use courier_shared::ratelimit::RateLimit;
+use courier_core::ratelimit::RateLimit;
 use courier_tests::client::Client;
 use courier_tests::{QUIET, Server, WAIT};
 use serde_json::{Value, json};

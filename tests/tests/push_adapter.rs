@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use courier_shared::aws::aws_config::{BehaviorVersion, Region};
-use courier_shared::aws::{ApiGatewayPush, aws_sdk_apigatewaymanagement as management};
-use courier_shared::ids::ConnectionId;
-use courier_shared::ports::{Posted, Push};
+use courier_aws::aws_config::{BehaviorVersion, Region};
+use courier_aws::{ApiGatewayPush, aws_sdk_apigatewaymanagement as management};
+use courier_core::ids::ConnectionId;
+use courier_core::ports::{Posted, Push};
 use courier_tests::{Server, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

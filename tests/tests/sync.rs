@@ -1,6 +1,6 @@
 //! Reading the inbox: sync's order, limits, cursor and page size, and ack.
 
-use courier_shared::ratelimit::RateLimit;
+use courier_core::ratelimit::RateLimit;
 use courier_tests::client::{Client, Page};
 use courier_tests::{ErrorCode, QUIET, Server, WAIT, code};
 use serde_json::{Value, json};

@@ -1,7 +1,7 @@
 //! The scheduled clean-up: devices unseen for 30 days, and what TTL leaves behind.
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
-use courier_shared::handlers;
+use courier_aws::lambda;
 use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main]
@@ -9,7 +9,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     courier_functions::init_tracing();
     let courier = courier_functions::courier().await?;
     lambda_runtime::run(service_fn(move |_: LambdaEvent<EventBridgeEvent>| async move {
-        handlers::cleanup(courier).await.map_err(courier_functions::diagnostic)
+        lambda::cleanup(courier).await.map_err(courier_functions::diagnostic)
     }))
     .await
 }

@@ -1,13 +1,13 @@
 //! The `$default` route: frames that name no known action.
 
-use courier_shared::handlers::{self, WsEvent, WsResponse};
+use courier_aws::lambda::{self, WsEvent, WsResponse};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     courier_functions::init_tracing();
     lambda_runtime::run(service_fn(|event: LambdaEvent<WsEvent>| async move {
-        Ok::<WsResponse, Error>(handlers::default(event.payload).await)
+        Ok::<WsResponse, Error>(lambda::default(event.payload))
     }))
     .await
 }

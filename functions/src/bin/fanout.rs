@@ -2,7 +2,7 @@
 
 use aws_lambda_events::dynamodb::Event;
 use aws_lambda_events::streams::DynamoDbEventResponse;
-use courier_shared::handlers;
+use courier_aws::lambda;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
 #[tokio::main]
@@ -11,7 +11,7 @@ async fn main() -> Result<(), Error> {
     let courier = courier_functions::courier().await?;
     let delay = courier_functions::fanout_check_delay();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Event>| async move {
-        Ok::<DynamoDbEventResponse, Error>(handlers::fanout(courier, event.payload, delay).await)
+        Ok::<DynamoDbEventResponse, Error>(lambda::fanout(courier, event.payload, delay).await)
     }))
     .await
 }

@@ -1,0 +1,198 @@
+//! Adapters for the deployed shape: DynamoDB tables, SQS jobs, S3 blobs and
+//! API Gateway Management pushes, behind the same ports as the embedded ones.
+//!
+//! Every Lambda builds one [`Aws`] at cold start from its environment (the
+//! names `template.yaml` sets) and hands [`Aws::ports`] to the service.
+
+mod dynamo;
+pub mod lambda;
+mod push;
+mod s3;
+pub mod schema;
+mod sqs;
+
+use std::sync::Arc;
+
+pub use aws_sdk_dynamodb::config::SharedInterceptor;
+
+pub use dynamo::DynamoTables;
+pub use push::ApiGatewayPush;
+pub use s3::S3Blobs;
+pub use sqs::{SqsJobs, done_receipts, lambda_event};
+/// The SDK crates, for callers that create resources or build clients.
+pub use {aws_config, aws_sdk_apigatewaymanagement, aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sqs};
+
+use courier_core::error::{Error, Result};
+use courier_core::ports::{Clock, SystemClock};
+use courier_core::service::Ports;
+
+/// The names of the deployed resources, as `template.yaml` passes them in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    pub chats_table: String,
+    pub participants_table: String,
+    pub devices_table: String,
+    pub connections_table: String,
+    pub messages_table: String,
+    pub inbox_table: String,
+    pub attachments_table: String,
+    pub jobs_queue_url: String,
+    pub media_bucket: String,
+    /// The Management API endpoint, `https://{api}.execute-api.{region}.amazonaws.com/{stage}`.
+    pub connections_endpoint: String,
+}
+
+/// Every environment variable [`Names::from_env`] reads; the template test checks the template sets each.
+pub const ENV_VARS: [&str; 10] = [
+    "COURIER_CHATS_TABLE",
+    "COURIER_PARTICIPANTS_TABLE",
+    "COURIER_DEVICES_TABLE",
+    "COURIER_CONNECTIONS_TABLE",
+    "COURIER_MESSAGES_TABLE",
+    "COURIER_INBOX_TABLE",
+    "COURIER_ATTACHMENTS_TABLE",
+    "COURIER_JOBS_QUEUE_URL",
+    "COURIER_MEDIA_BUCKET",
+    "COURIER_CONNECTIONS_ENDPOINT",
+];
+
+impl Names {
+    /// Reads the names from the environment; a missing one fails by name.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .map_err(|_| Error::internal(format!("environment variable {name} is not set")))
+        };
+        Ok(Self {
+            chats_table: var(ENV_VARS[0])?,
+            participants_table: var(ENV_VARS[1])?,
+            devices_table: var(ENV_VARS[2])?,
+            connections_table: var(ENV_VARS[3])?,
+            messages_table: var(ENV_VARS[4])?,
+            inbox_table: var(ENV_VARS[5])?,
+            attachments_table: var(ENV_VARS[6])?,
+            jobs_queue_url: var(ENV_VARS[7])?,
+            media_bucket: var(ENV_VARS[8])?,
+            connections_endpoint: var(ENV_VARS[9])?,
+        })
+    }
+
+    /// Names with a common prefix, for tests and the local AWS topology.
+    pub fn prefixed(prefix: &str, jobs_queue_url: &str, connections_endpoint: &str) -> Self {
+        Self {
+            chats_table: format!("{prefix}-chats"),
+            participants_table: format!("{prefix}-participants"),
+            devices_table: format!("{prefix}-devices"),
+            connections_table: format!("{prefix}-connections"),
+            messages_table: format!("{prefix}-messages"),
+            inbox_table: format!("{prefix}-inbox"),
+            attachments_table: format!("{prefix}-attachments"),
+            jobs_queue_url: jobs_queue_url.to_owned(),
+            media_bucket: format!("{prefix}-media"),
+            connections_endpoint: connections_endpoint.to_owned(),
+        }
+    }
+}
+
+/// Sees every request the clients send: an SDK interceptor for one set of resources.
+pub trait Watcher: Send + Sync + std::fmt::Debug {
+    fn interceptor(&self, names: &Names) -> SharedInterceptor;
+}
+
+/// The SDK clients, built once and shared by every request.
+#[derive(Clone)]
+pub struct Aws {
+    pub names: Names,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub s3: aws_sdk_s3::Client,
+    pub management: aws_sdk_apigatewaymanagement::Client,
+}
+
+impl Aws {
+    /// Builds the clients from an SDK config (which honours `AWS_ENDPOINT_URL`).
+    pub fn new(config: &aws_config::SdkConfig, names: Names) -> Self {
+        Self::build(config, names, None)
+    }
+
+    /// [`Aws::new`], with `watcher` seeing every request of every client
+    /// (the test kit's request meter, or an operator's per-invocation usage).
+    pub fn watched(config: &aws_config::SdkConfig, names: Names, watcher: &dyn Watcher) -> Self {
+        let interceptor = watcher.interceptor(&names);
+        Self::build(config, names, Some(interceptor))
+    }
+
+    fn build(config: &aws_config::SdkConfig, names: Names, interceptor: Option<SharedInterceptor>) -> Self {
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(config);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(config);
+        // Path-style URLs, so presigned URLs work against emulators and dotted bucket names.
+        let mut s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(true);
+        let mut management = aws_sdk_apigatewaymanagement::config::Builder::from(config)
+            .endpoint_url(&names.connections_endpoint);
+        if let Some(interceptor) = interceptor {
+            dynamodb.push_interceptor(interceptor.clone());
+            sqs.push_interceptor(interceptor.clone());
+            s3.push_interceptor(interceptor.clone());
+            management.push_interceptor(interceptor);
+        }
+        Self {
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+            s3: aws_sdk_s3::Client::from_conf(s3.build()),
+            management: aws_sdk_apigatewaymanagement::Client::from_conf(management.build()),
+            names,
+        }
+    }
+
+    /// Loads the SDK config and the names from the environment.
+    pub async fn from_env() -> Result<Self> {
+        let names = Names::from_env()?;
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Ok(Self::new(&config, names))
+    }
+
+    /// The ports of the deployed shape.
+    pub fn ports(&self) -> Ports {
+        self.ports_with_clock(Arc::new(SystemClock))
+    }
+
+    pub fn ports_with_clock(&self, clock: Arc<dyn Clock>) -> Ports {
+        let tables = Arc::new(DynamoTables::new(self.dynamodb.clone(), self.names.clone()));
+        Ports {
+            chats: tables.clone(),
+            devices: tables.clone(),
+            messages: tables.clone(),
+            attachments: tables,
+            blobs: Arc::new(S3Blobs::new(self.s3.clone(), self.names.media_bucket.clone())),
+            push: Arc::new(ApiGatewayPush::new(self.management.clone())),
+            jobs: Arc::new(SqsJobs::new(self.sqs.clone(), self.names.jobs_queue_url.clone(), clock.clone())),
+            clock,
+        }
+    }
+}
+
+/// Maps an SDK error: throttling, timeouts and 5xx are worth a retry, the rest is a bug.
+pub(crate) fn sdk_error<E>(
+    e: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> Error
+where
+    E: std::error::Error + Send + Sync + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
+{
+    use aws_sdk_dynamodb::error::SdkError;
+    let retryable = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or_default();
+            status >= 500
+                || status == 429
+                || code.contains("Throttl")
+                || code.contains("ProvisionedThroughputExceeded")
+                || code == "RequestLimitExceeded"
+                || code == "TransactionConflict"
+        }
+        _ => false,
+    };
+    let e = aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string();
+    if retryable { Error::unavailable(e) } else { Error::internal(e) }
+}

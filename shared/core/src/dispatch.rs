@@ -1,0 +1,252 @@
+//! One frame in, one reply out: the typed path every client frame takes, in
+//! the local gateway and behind the Lambda event edge alike.
+//!
+//! A frame is parsed once into a [`Request`], its command runs as one
+//! service call with the caller the connection was authorised as, and the
+//! result becomes the response frame. Only a frame that does not parse is
+//! read a second time, leniently, to echo its action and requestId.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Caller;
+use crate::error::Error;
+use crate::protocol::{self, Action, Command, ErrorCode, Request, RequestId};
+use crate::service::Courier;
+
+/// The route of frames that name no known action.
+pub const DEFAULT_ROUTE: &str = "$default";
+
+/// Runs one client frame for `caller` and returns the frame that answers it,
+/// or `None` when the answer was already pushed (a device removing itself
+/// is answered before its connection closes).
+pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option<String> {
+    let request = match parse(frame) {
+        Ok(request) => request,
+        Err(refused) => return Some(refused),
+    };
+    let action = request.command.action().name();
+    let id = request.request_id.map(String::from);
+    let answer = |result| Some(respond(action, id.clone(), result));
+    match request.command {
+        Command::CreateChat(c) => answer(to_value(courier.create_chat(caller, c).await)),
+        Command::SendMessage(c) => answer(to_value(courier.send_message(caller, c).await)),
+        Command::CreateAttachment(c) => answer(to_value(courier.create_attachment(caller, c).await)),
+        Command::GetAttachment(c) => answer(to_value(courier.get_attachment(caller, &c.attachment_id).await)),
+        Command::ModifyChatParticipants(c) => {
+            answer(to_value(courier.modify_chat_participants(caller, c).await))
+        }
+        Command::ListChats(_) => answer(to_value(courier.list_chats(caller).await)),
+        Command::Sync(c) => answer(to_value(courier.sync(caller, c).await)),
+        Command::Ack(c) => answer(to_value(courier.ack(caller, c).await)),
+        Command::RemoveDevice(c) => match courier.remove_device(caller, &c.device_id).await {
+            Ok(None) => answer(Ok(empty())),
+            // Removing the device that asks closes this very connection:
+            // the answer goes out first, as a push (a Lambda's route
+            // response would arrive after the close).
+            Ok(Some(own)) => {
+                let frame = protocol::success(action, id, &protocol::Empty {});
+                let push = &courier.ports().push;
+                if let Err(e) = push.post(&own, &frame).await {
+                    tracing::warn!(error = %e, "answering removeDevice failed");
+                }
+                if let Err(e) = push.close(&own).await {
+                    tracing::warn!(error = %e, "closing the removed device's connection failed");
+                }
+                None
+            }
+            Err(e) => answer(Err(e)),
+        },
+    }
+}
+
+/// A command's result, serialised once for the frame.
+type Outcome = Result<Box<serde_json::value::RawValue>, Error>;
+
+fn to_value<T: Serialize>(result: Result<T, Error>) -> Outcome {
+    result.and_then(|data| serde_json::value::to_raw_value(&data).map_err(Error::internal))
+}
+
+fn empty() -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(&protocol::Empty {}).expect("{} serialises")
+}
+
+fn respond(action: &str, request_id: Option<String>, result: Outcome) -> String {
+    match result {
+        Ok(data) => protocol::success(action, request_id, &data),
+        Err(e) => error_frame(action, request_id, &e),
+    }
+}
+
+/// The FAILURE frame of an error, logging the ones the client cannot act on.
+pub fn error_frame(action: &str, request_id: Option<String>, error: &Error) -> String {
+    if matches!(error, Error::Internal(_) | Error::Unavailable(_)) {
+        tracing::error!(action, error = %error, source = ?std::error::Error::source(error), "command failed");
+    }
+    protocol::failure(action, request_id, error.code(), error.client_message())
+}
+
+/// Parses a frame, or returns the FAILURE that answers it.
+fn parse(frame: &str) -> Result<Request, String> {
+    // serde reads a struct from a JSON array too; a frame must be an object.
+    if frame.trim_start().starts_with('{')
+        && let Ok(request) = serde_json::from_str::<Request>(frame)
+    {
+        return Ok(request);
+    }
+    let head = match head(frame) {
+        Ok(head) => head,
+        Err(Refusal { request_id, code, message }) => {
+            return Err(protocol::failure(DEFAULT_ROUTE, request_id, code, message.into()));
+        }
+    };
+    let request_id = head.request_id.map(String::from);
+    let Some(action) = Action::from_name(&head.action) else {
+        let shown: String = head.action.chars().take(64).collect();
+        return Err(protocol::failure(&shown, request_id, ErrorCode::UnknownAction, "unknown action".into()));
+    };
+    // The action is known, so the command's own fields are wrong: say which
+    // way, without quoting the client's values back.
+    let message = match serde_json::from_str::<Request>(frame) {
+        Err(e) => field_error(&e),
+        Ok(_) => "the frame is not a valid request".to_owned(),
+    };
+    Err(protocol::failure(action.name(), request_id, ErrorCode::BadRequest, message))
+}
+
+/// What a frame says before its command's fields are read.
+struct Head {
+    action: String,
+    request_id: Option<RequestId>,
+}
+
+/// Why a frame is no request at all.
+struct Refusal {
+    request_id: Option<String>,
+    code: ErrorCode,
+    message: &'static str,
+}
+
+/// Reads the action and requestId of a frame, leniently.
+fn head(frame: &str) -> Result<Head, Refusal> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw<'a> {
+        #[serde(default)]
+        action: Option<serde_json::Value>,
+        #[serde(borrow, default)]
+        request_id: Option<Cow<'a, serde_json::value::RawValue>>,
+    }
+    let refuse = |request_id, message| Refusal { request_id, code: ErrorCode::BadRequest, message };
+    if !frame.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(frame) {
+            Ok(_) => refuse(None, "a frame is one JSON object"),
+            Err(_) => refuse(None, "the frame is not valid JSON"),
+        });
+    }
+    let raw = match serde_json::from_str::<Raw>(frame) {
+        Ok(raw) => raw,
+        Err(_) => return Err(refuse(None, "the frame is not valid JSON")),
+    };
+    let request_id =
+        match raw.request_id.as_deref().map(|r| serde_json::from_str::<Option<RequestId>>(r.get())) {
+            None => None,
+            Some(Ok(id)) => id,
+            Some(Err(_)) => return Err(refuse(None, "requestId must be a string of at most 64 characters")),
+        };
+    match raw.action {
+        Some(serde_json::Value::String(action)) => Ok(Head { action, request_id }),
+        Some(_) => Err(refuse(request_id.map(String::from), "action must be a string")),
+        None => Err(refuse(request_id.map(String::from), "the frame has no action")),
+    }
+}
+
+/// serde's complaint, without the client's values (which serde quotes) and
+/// without the line and column, which mean nothing to a client.
+fn field_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let text = text.rfind(" at line ").map_or(text.as_str(), |i| &text[..i]);
+    // "invalid type: string \"...\", expected u32" and its kin.
+    for kind in ["invalid type", "invalid value", "unknown variant"] {
+        if let Some(rest) = text.strip_prefix(kind) {
+            let expected = rest.rfind(", expected ").map(|i| &rest[i + 2..]);
+            return match expected {
+                Some(expected) => format!("{kind}: {expected}"),
+                None => kind.to_owned(),
+            };
+        }
+    }
+    text.to_owned()
+}
+
+/// The answer of the `$default` route: a frame that names no known action
+/// (or one whose route is missing from the deployment).
+pub fn unrouted(frame: &str) -> String {
+    match parse(frame) {
+        Err(refused) => refused,
+        Ok(request) => protocol::failure(
+            request.command.action().name(),
+            request.request_id.map(String::from),
+            ErrorCode::UnknownAction,
+            "no route serves this action".into(),
+        ),
+    }
+}
+
+/// A FAILURE for a frame refused before it runs (too large, rate limited),
+/// echoing the frame's action and requestId where it has them.
+pub fn refusal(frame: &str, code: ErrorCode, message: &str) -> String {
+    let (action, request_id) = match head(frame) {
+        Ok(head) => (head.action.chars().take(64).collect(), head.request_id.map(String::from)),
+        Err(refused) => (DEFAULT_ROUTE.to_owned(), refused.request_id),
+    };
+    protocol::failure(&action, request_id, code, message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(frame: &str) -> Result<Command, serde_json::Value> {
+        parse(frame).map(|r| r.command).map_err(|f| serde_json::from_str(&f).unwrap())
+    }
+
+    #[test]
+    fn a_frame_parses_into_its_command_once() {
+        let c = parsed(r#"{"action":"sync","requestId":"r","limit":5}"#).unwrap();
+        assert!(matches!(c, Command::Sync(protocol::Sync { limit: Some(5), cursor: None })));
+        let c = parsed(r#"{"limit":5,"action":"listChats"}"#).unwrap();
+        assert_eq!(c.action(), Action::ListChats);
+    }
+
+    #[test]
+    fn refusals_echo_what_they_can_and_quote_no_values() {
+        let f = parsed(r#"{"action":"nope","requestId":"r1"}"#).unwrap_err();
+        assert_eq!(f["action"], "nope");
+        assert_eq!(f["requestId"], "r1");
+        assert_eq!(f["error"]["code"], "UNKNOWN_ACTION");
+
+        let secret = "\u{1}\u{2}\u{3}".repeat(1000);
+        let frame = serde_json::json!({"action": "sync", "limit": secret}).to_string();
+        let f = parsed(&frame).unwrap_err();
+        assert_eq!(f["action"], "sync");
+        assert_eq!(f["error"]["code"], "BAD_REQUEST");
+        let message = f["error"]["message"].as_str().unwrap();
+        assert!(message.contains("expected u32"), "{message}");
+        assert!(!message.contains('\u{1}') && message.len() < 256, "{message}");
+
+        let f = parsed(r#"{"action":"modifyChatParticipants","chatId":"c","userId":"u","operation":"EVIL"}"#)
+            .unwrap_err();
+        assert!(!f["error"]["message"].as_str().unwrap().contains("EVIL"));
+
+        let f = parsed(r#"{"action":"createChat","participants":["bad user"],"name":"x"}"#).unwrap_err();
+        assert!(!f["error"]["message"].as_str().unwrap().contains("bad user"));
+
+        let f = parsed("[1]").unwrap_err();
+        assert_eq!(f["action"], DEFAULT_ROUTE);
+        let f = parsed(r#"{"action":"sync","requestId":5}"#).unwrap_err();
+        assert_eq!(f["error"]["code"], "BAD_REQUEST");
+        assert!(f.get("requestId").is_none());
+    }
+}

@@ -1,0 +1,218 @@
+//! The ports: small traits through which the services reach storage, pushes, queues and blobs.
+//!
+//! Each trait matches one capability (and so one IAM grant when deployed).
+//! Adapters are named `<Tech><Port>`: `SqliteStore` implements the table
+//! ports locally, the DynamoDB adapters implement them deployed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Chat, Device, InboxKey, Millis};
+use crate::error::Result;
+use crate::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
+
+#[async_trait]
+pub trait ChatStore: Send + Sync {
+    async fn create_chat(&self, chat: &Chat) -> Result<()>;
+    async fn chat(&self, id: &ChatId) -> Result<Option<Chat>>;
+    /// Writes `chat` if the stored version is still `expected_version`;
+    /// `false` means somebody else changed it first.
+    async fn update_chat(&self, chat: &Chat, expected_version: u64) -> Result<bool>;
+    async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>>;
+}
+
+/// What `DeviceStore::connect` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Connected {
+    /// The device is registered and now bound to the new connection.
+    /// `replaced` is its previous live connection, to be closed.
+    Ok { new_device: bool, first_device: bool, replaced: Option<ConnectionId> },
+    /// The user already has `max_devices` other devices.
+    DeviceLimit,
+}
+
+#[async_trait]
+pub trait DeviceStore: Send + Sync {
+    /// Registers the device if new (refusing a device past `max_devices`
+    /// live ones, where devices unseen since `expired_before` do not count)
+    /// and binds it to `connection`.
+    async fn connect(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        connection: &ConnectionId,
+        now: Millis,
+        max_devices: usize,
+        expired_before: Millis,
+    ) -> Result<Connected>;
+    /// Unbinds `connection`, if it is still its device's connection.
+    async fn disconnect(&self, connection: &ConnectionId, now: Millis) -> Result<()>;
+    /// The devices of these users not unseen since `expired_before`.
+    async fn devices_of(&self, users: &[UserId], expired_before: Millis) -> Result<Vec<Device>>;
+    /// Deletes the device and its inbox. Returns it if it existed.
+    async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>>;
+    /// Deletes devices unseen since `before`, with their inboxes. Returns how many.
+    async fn expire_devices(&self, before: Millis) -> Result<u64>;
+}
+
+/// A message as stored until its fan-out is done. `json` is the wire form
+/// (the `Message` object), kept as bytes so pushes and syncs copy it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub chat: ChatId,
+    pub id: MessageId,
+    pub timestamp: Millis,
+    pub json: String,
+    pub recipients: Vec<InboxKey>,
+    /// Once set, the body is gone from the message row; the inbox rows hold it.
+    pub fanned_out: bool,
+}
+
+/// The idempotency key of a send: one device, one client-chosen id, one chat.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DedupeKey {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub client_message_id: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Store {
+    Stored,
+    /// A message with the same dedupe key exists; nothing was written.
+    Duplicate(StoredMessage),
+}
+
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    /// Durably stores the message and one inbox row per recipient, or finds
+    /// the earlier message with the same dedupe key. After `Ok(Stored)`, the
+    /// message reaches every recipient even if the process dies.
+    async fn store(
+        &self,
+        message: &StoredMessage,
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Store>;
+    async fn message(&self, chat: &ChatId, id: &MessageId) -> Result<Option<StoredMessage>>;
+    /// Marks the fan-out done and drops the body from the message row. The
+    /// mark may become visible shortly after this returns, and a crash may
+    /// lose it: it only spares the feed the work of finishing the fan-out.
+    async fn mark_fanned_out(&self, chat: &ChatId, id: &MessageId) -> Result<()>;
+    /// Messages stored before `before` whose fan-out was never marked done.
+    async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>>;
+    /// Of `keys`, the inboxes that still hold `id` (not acked, not expired).
+    async fn holders(&self, id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>>;
+    /// The next page of an inbox after `after` (exclusive), oldest first,
+    /// skipping expired rows. Each item is (messageId, wire JSON).
+    async fn inbox_page(
+        &self,
+        inbox: &InboxKey,
+        after: Option<&MessageId>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<(MessageId, String)>>;
+    /// Deletes these ids from one inbox; returns how many were there.
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64>;
+    /// Moves a user's pending rows into the inbox of their first device.
+    async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64>;
+    /// Deletes inbox rows and message rows past retention. Returns how many rows.
+    async fn expire_messages(&self, now: Millis, retention: Millis) -> Result<u64>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub id: AttachmentId,
+    pub uploader: UserId,
+    pub content_type: String,
+    pub size: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub created_at: Millis,
+}
+
+#[async_trait]
+pub trait AttachmentStore: Send + Sync {
+    async fn put_attachment(&self, attachment: &Attachment) -> Result<()>;
+    async fn attachment(&self, id: &AttachmentId) -> Result<Option<Attachment>>;
+    /// Records that a message in `chat` carried these attachments.
+    async fn link(&self, ids: &[AttachmentId], chat: &ChatId) -> Result<()>;
+    /// The chats in which a message carried the attachment.
+    async fn chats_of_attachment(&self, id: &AttachmentId) -> Result<Vec<ChatId>>;
+}
+
+/// A presigned request: where to send it and which headers must go with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presigned {
+    pub url: String,
+    pub headers: BTreeMap<String, String>,
+    pub expires_at: Millis,
+}
+
+#[async_trait]
+pub trait Blobs: Send + Sync {
+    async fn presign_upload(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned>;
+    async fn presign_download(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned>;
+    /// Whether the upload completed (with the declared size and hash).
+    async fn uploaded(&self, attachment: &Attachment) -> Result<bool>;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Posted {
+    Sent,
+    /// The connection is gone (API Gateway's 410).
+    Gone,
+}
+
+/// Pushes frames to live connections: PostToConnection, or the local gateway.
+#[async_trait]
+pub trait Push: Send + Sync {
+    async fn post(&self, connection: &ConnectionId, frame: &str) -> Result<Posted>;
+    /// Closes a connection (DeleteConnection). Closing a gone one is no error.
+    async fn close(&self, connection: &ConnectionId) -> Result<()>;
+}
+
+/// Work the send path hands to a queue, to run at least once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "job", rename_all = "camelCase")]
+pub enum Job {
+    /// Push a stored message (its wire JSON, carried along because the
+    /// message row drops its body once fan-out is handed off) to these connections.
+    #[serde(rename_all = "camelCase")]
+    Deliver { message_id: MessageId, message: String, targets: Vec<PushTarget> },
+    /// Finish a fan-out if the send path did not mark it done.
+    #[serde(rename_all = "camelCase")]
+    FinishFanout { chat_id: ChatId, message_id: MessageId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushTarget {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub connection_id: ConnectionId,
+}
+
+#[async_trait]
+pub trait Jobs: Send + Sync {
+    async fn enqueue(&self, job: &Job, delay: Duration) -> Result<()>;
+}
+
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Millis;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,425 @@
+//! The wire protocol of docs/protocol.md: commands, responses, pushes and error codes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
+
+/// The route keys of the WebSocket API, one per command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    CreateChat,
+    SendMessage,
+    CreateAttachment,
+    GetAttachment,
+    ModifyChatParticipants,
+    ListChats,
+    Sync,
+    Ack,
+    RemoveDevice,
+}
+
+impl Action {
+    pub const ALL: [Action; 9] = [
+        Action::CreateChat,
+        Action::SendMessage,
+        Action::CreateAttachment,
+        Action::GetAttachment,
+        Action::ModifyChatParticipants,
+        Action::ListChats,
+        Action::Sync,
+        Action::Ack,
+        Action::RemoveDevice,
+    ];
+
+    /// The name on the wire, which is also the API Gateway route key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::CreateChat => "createChat",
+            Action::SendMessage => "sendMessage",
+            Action::CreateAttachment => "createAttachment",
+            Action::GetAttachment => "getAttachment",
+            Action::ModifyChatParticipants => "modifyChatParticipants",
+            Action::ListChats => "listChats",
+            Action::Sync => "sync",
+            Action::Ack => "ack",
+            Action::RemoveDevice => "removeDevice",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownAction,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    LimitExceeded,
+    RateLimited,
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Success,
+    Failure,
+}
+
+// ---- commands (client to server) ----
+
+/// One client frame: the command, tagged by its `action` (the route key),
+/// and the `requestId` its answer echoes.
+#[derive(Debug, Deserialize)]
+pub struct Request {
+    #[serde(rename = "requestId", default)]
+    pub request_id: Option<RequestId>,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// Every command of the protocol, one variant per action.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum Command {
+    CreateChat(CreateChat),
+    SendMessage(SendMessage),
+    CreateAttachment(CreateAttachment),
+    GetAttachment(GetAttachment),
+    ModifyChatParticipants(ModifyChatParticipants),
+    ListChats(ListChats),
+    Sync(Sync),
+    Ack(Ack),
+    RemoveDevice(RemoveDevice),
+}
+
+impl Command {
+    pub fn action(&self) -> Action {
+        match self {
+            Command::CreateChat(_) => Action::CreateChat,
+            Command::SendMessage(_) => Action::SendMessage,
+            Command::CreateAttachment(_) => Action::CreateAttachment,
+            Command::GetAttachment(_) => Action::GetAttachment,
+            Command::ModifyChatParticipants(_) => Action::ModifyChatParticipants,
+            Command::ListChats(_) => Action::ListChats,
+            Command::Sync(_) => Action::Sync,
+            Command::Ack(_) => Action::Ack,
+            Command::RemoveDevice(_) => Action::RemoveDevice,
+        }
+    }
+}
+
+/// A client's `requestId`: a string of at most 64 characters, echoed as given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RequestId(String);
+
+impl TryFrom<String> for RequestId {
+    type Error = &'static str;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.chars().count() <= 64 {
+            Ok(Self(s))
+        } else {
+            Err("requestId must be a string of at most 64 characters")
+        }
+    }
+}
+
+impl From<RequestId> for String {
+    fn from(id: RequestId) -> String {
+        id.0
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateChat {
+    pub participants: Vec<UserId>,
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendMessage {
+    pub chat_id: ChatId,
+    pub message: String,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentId>,
+    #[serde(default)]
+    pub client_message_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateAttachment {
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetAttachment {
+    pub attachment_id: AttachmentId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    Add,
+    Remove,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModifyChatParticipants {
+    pub chat_id: ChatId,
+    pub user_id: UserId,
+    pub operation: Operation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListChats {}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Sync {
+    #[serde(default)]
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ack {
+    #[serde(default)]
+    pub message_ids: Option<Vec<MessageId>>,
+    #[serde(default)]
+    pub message_id: Option<MessageId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoveDevice {
+    pub device_id: DeviceId,
+}
+
+// ---- results (the `data` of a SUCCESS) ----
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatCreated {
+    pub chat_id: ChatId,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageSent {
+    pub message_id: MessageId,
+    pub timestamp: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentCreated {
+    pub attachment_id: AttachmentId,
+    pub upload_url: String,
+    pub upload_headers: BTreeMap<String, String>,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentLink {
+    pub attachment_id: AttachmentId,
+    pub download_url: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Participants {
+    pub participants: Vec<UserId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatSummary {
+    pub chat_id: ChatId,
+    pub name: String,
+    pub participants: Vec<UserId>,
+    pub admins: Vec<UserId>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChatList {
+    pub chats: Vec<ChatSummary>,
+}
+
+/// A page of the inbox. Messages stay as the JSON stored at send time, so a
+/// sync copies bytes rather than re-encoding every message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SyncPage {
+    pub messages: Vec<Box<RawValue>>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Acked {
+    pub acked: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+// ---- server frames ----
+
+/// A message as pushed in `newMessage` and returned by `sync`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub message_id: MessageId,
+    pub chat_id: ChatId,
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub message: String,
+    pub attachments: Vec<AttachmentId>,
+    pub timestamp: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A response to one command.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response<D = Box<RawValue>> {
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<D>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Every frame the server sends.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerFrame<D = Box<RawValue>> {
+    Response(Response<D>),
+    NewMessage(Message),
+    ChatUpdate(ChatUpdate),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatUpdate {
+    pub chat_id: ChatId,
+    pub name: String,
+    pub participants: Vec<UserId>,
+    pub admins: Vec<UserId>,
+}
+
+/// Encodes a SUCCESS frame.
+pub fn success<D: Serialize>(action: &str, request_id: Option<String>, data: &D) -> String {
+    serde_json::to_string(&ServerFrame::Response(Response {
+        action: action.to_owned(),
+        request_id,
+        status: Status::Success,
+        data: Some(data),
+        error: None,
+    }))
+    .expect("response data serializes")
+}
+
+/// The longest error message a FAILURE carries, in characters.
+pub const MAX_ERROR_MESSAGE: usize = 256;
+
+/// Encodes a FAILURE frame.
+/// The message is cut to [`MAX_ERROR_MESSAGE`] characters.
+pub fn failure(action: &str, request_id: Option<String>, code: ErrorCode, mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_ERROR_MESSAGE) {
+        message.truncate(cut);
+    }
+    serde_json::to_string(&ServerFrame::<()>::Response(Response {
+        action: action.to_owned(),
+        request_id,
+        status: Status::Failure,
+        data: None,
+        error: Some(ErrorBody { code, message }),
+    }))
+    .expect("error frame serializes")
+}
+
+/// Encodes a `newMessage` push from a message's stored JSON, without re-parsing it.
+pub fn new_message_frame(message_json: &str) -> String {
+    debug_assert!(message_json.starts_with('{'));
+    format!(r#"{{"type":"newMessage",{}"#, &message_json[1..])
+}
+
+pub fn chat_update_frame(update: &ChatUpdate) -> String {
+    serde_json::to_string(&ServerFrame::<()>::ChatUpdate(update.clone())).expect("chat update serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_have_the_exact_wire_shapes() {
+        let ok = success(
+            "createChat",
+            Some("r1".into()),
+            &ChatCreated { chat_id: ChatId::try_from("C1").unwrap() },
+        );
+        assert_eq!(
+            ok,
+            r#"{"type":"response","action":"createChat","requestId":"r1","status":"SUCCESS","data":{"chatId":"C1"}}"#
+        );
+        let bad = failure("sync", None, ErrorCode::BadRequest, "no".into());
+        assert_eq!(
+            bad,
+            r#"{"type":"response","action":"sync","status":"FAILURE","error":{"code":"BAD_REQUEST","message":"no"}}"#
+        );
+        let msg = Message {
+            message_id: MessageId::try_from("M").unwrap(),
+            chat_id: ChatId::try_from("C").unwrap(),
+            user_id: UserId::try_from("u").unwrap(),
+            device_id: DeviceId::try_from("d").unwrap(),
+            message: "hi".into(),
+            attachments: vec![],
+            timestamp: 5,
+        };
+        let push = new_message_frame(&serde_json::to_string(&msg).unwrap());
+        assert_eq!(
+            push,
+            r#"{"type":"newMessage","messageId":"M","chatId":"C","userId":"u","deviceId":"d","message":"hi","attachments":[],"timestamp":5}"#
+        );
+        let parsed: ServerFrame = serde_json::from_str(&push).unwrap();
+        assert!(matches!(parsed, ServerFrame::NewMessage(m) if m == msg));
+    }
+
+    #[test]
+    fn every_action_round_trips_through_its_route_key() {
+        for a in Action::ALL {
+            assert_eq!(Action::from_name(a.name()), Some(a));
+        }
+        assert_eq!(Action::from_name("$default"), None);
+    }
+}

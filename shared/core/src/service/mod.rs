@@ -1,0 +1,94 @@
+//! The domain services: one method per command, over the ports, shared by every shape.
+
+mod attachments;
+mod chats;
+mod devices;
+mod messages;
+
+use std::sync::Arc;
+
+use crate::domain::{Device, Limits, Millis};
+use crate::error::Result;
+use crate::ids::{ConnectionId, IdGen, UserId};
+use crate::ports::{AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push};
+
+/// The ports a `Courier` runs on, chosen once at start-up.
+#[derive(Clone)]
+pub struct Ports {
+    pub chats: Arc<dyn ChatStore>,
+    pub devices: Arc<dyn DeviceStore>,
+    pub messages: Arc<dyn MessageStore>,
+    pub attachments: Arc<dyn AttachmentStore>,
+    pub blobs: Arc<dyn Blobs>,
+    pub push: Arc<dyn Push>,
+    pub jobs: Arc<dyn Jobs>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The service context: every command is a method on it.
+pub struct Courier {
+    ports: Ports,
+    ids: IdGen,
+    limits: Limits,
+}
+
+impl Courier {
+    pub fn new(ports: Ports, limits: Limits) -> Self {
+        Self { ports, ids: IdGen::new(), limits }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn ports(&self) -> &Ports {
+        &self.ports
+    }
+
+    fn now(&self) -> Millis {
+        self.ports.clock.now()
+    }
+
+    /// Devices unseen since this instant count as gone.
+    fn expired_before(&self, now: Millis) -> Millis {
+        now - self.limits.device_expiry_ms
+    }
+
+    async fn live_devices(&self, users: &[UserId], now: Millis) -> Result<Vec<Device>> {
+        self.ports.devices.devices_of(users, self.expired_before(now)).await
+    }
+
+    /// Pushes one frame to each connection, in parallel; a connection found
+    /// gone is unbound from its device so later sends skip it.
+    async fn push_all(
+        &self,
+        connections: impl IntoIterator<Item = &ConnectionId>,
+        frame: &str,
+    ) -> Result<()> {
+        let posts = connections.into_iter().map(|c| async move { (c, self.ports.push.post(c, frame).await) });
+        let mut first_error = None;
+        for (connection, outcome) in futures_util::future::join_all(posts).await {
+            match outcome {
+                Ok(Posted::Sent) => {}
+                Ok(Posted::Gone) => {
+                    tracing::debug!(%connection, "push found the connection gone");
+                    self.ports.devices.disconnect(connection, self.now()).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(%connection, error = %e, "push failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The periodic clean-up: expired devices and inbox rows, old message rows.
+    pub async fn cleanup(&self) -> Result<(u64, u64)> {
+        let now = self.now();
+        let devices = self.ports.devices.expire_devices(self.expired_before(now)).await?;
+        let rows = self.ports.messages.expire_messages(now, self.limits.retention_ms).await?;
+        tracing::info!(devices, rows, "cleanup");
+        Ok((devices, rows))
+    }
+}

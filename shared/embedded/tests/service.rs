@@ -1,0 +1,249 @@
+//! Service unit tests over the embedded adapters, with a fake clock and a
+//! push port that records what it was asked to send.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use courier_core::Courier;
+use courier_core::domain::{Caller, DAY_MS, Limits};
+use courier_core::error::{Error, Result};
+use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
+use courier_core::ports::{Clock, DeviceStore, MessageStore, Posted, Push};
+use courier_core::protocol::{Ack, CreateChat, SendMessage, Sync};
+use courier_embedded::{Durability, FileBlobs, SqliteStore};
+use courier_testkit::FakeClock;
+
+/// Records pushes; connections in `gone` answer 410.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<(String, String)>>,
+    gone: Mutex<HashSet<String>>,
+    /// Every post fails, as a broken push endpoint would.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Recorder {
+    /// The newMessage pushes sent to one connection.
+    fn messages_to(&self, connection: &str) -> Vec<String> {
+        let sent = self.sent.lock().unwrap();
+        let pushes = sent.iter().filter(|(c, f)| c == connection && f.starts_with(r#"{"type":"newMessage""#));
+        pushes.map(|(_, f)| f.clone()).collect()
+    }
+}
+
+#[async_trait]
+impl Push for Recorder {
+    async fn post(&self, connection: &ConnectionId, frame: &str) -> Result<Posted> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::internal("push endpoint broken"));
+        }
+        if self.gone.lock().unwrap().contains(connection.as_str()) {
+            return Ok(Posted::Gone);
+        }
+        self.sent.lock().unwrap().push((connection.to_string(), frame.to_owned()));
+        Ok(Posted::Sent)
+    }
+    async fn close(&self, connection: &ConnectionId) -> Result<()> {
+        self.gone.lock().unwrap().insert(connection.to_string());
+        Ok(())
+    }
+}
+
+struct World {
+    courier: Courier,
+    store: SqliteStore,
+    push: Arc<Recorder>,
+    clock: Arc<FakeClock>,
+    _dir: tempfile::TempDir,
+}
+
+fn world(limits: Limits) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(FakeClock::at(1_800_000_000_000));
+    let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Process, clock.clone()).unwrap();
+    let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
+    let push = Arc::new(Recorder::default());
+    let ports = courier_embedded::ports(&store, &blobs, push.clone(), clock.clone());
+    World { courier: Courier::new(ports, limits), store, push, clock, _dir: dir }
+}
+
+impl World {
+    async fn device(&self, user: &str, device: &str) -> Caller {
+        let caller = Caller {
+            user: UserId::try_from(user).unwrap(),
+            device: DeviceId::try_from(device).unwrap(),
+            connection: ConnectionId::try_from(format!("{user}-{device}")).unwrap(),
+        };
+        self.courier.connect(&caller.user, &caller.device, &caller.connection).await.unwrap();
+        caller
+    }
+
+    async fn chat(&self, by: &Caller, with: &[&str]) -> ChatId {
+        let participants = with.iter().map(|u| UserId::try_from(*u).unwrap()).collect();
+        self.courier.create_chat(by, CreateChat { participants, name: "t".into() }).await.unwrap().chat_id
+    }
+
+    async fn send(&self, by: &Caller, chat: &ChatId, text: &str) -> String {
+        let cmd = SendMessage {
+            chat_id: chat.clone(),
+            message: text.into(),
+            attachments: vec![],
+            client_message_id: None,
+        };
+        self.courier.send_message(by, cmd).await.unwrap().message_id.to_string()
+    }
+
+    /// Sends while every push fails for good, so the send path leaves the
+    /// fan-out mark unset, as a crash between storing and fanning out would.
+    async fn send_unmarked(&self, by: &Caller, chat: &ChatId, text: &str) -> courier_core::ids::MessageId {
+        self.push.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        let id = self.send(by, chat, text).await;
+        self.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        courier_core::ids::MessageId::try_from(id).unwrap()
+    }
+
+    async fn inbox(&self, of: &Caller) -> Vec<String> {
+        let page = self.courier.sync(of, Sync { limit: Some(100), cursor: None }).await.unwrap();
+        page.messages
+            .iter()
+            .map(|m| {
+                serde_json::from_str::<serde_json::Value>(m.get()).unwrap()["messageId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn messages_past_retention_are_neither_synced_nor_kept() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    let id = w.send(&alice, &chat, "soon gone").await;
+    assert_eq!(w.inbox(&bob).await, vec![id]);
+    w.clock.advance(30 * DAY_MS + 1);
+    assert!(w.inbox(&bob).await.is_empty(), "expired rows are filtered on read");
+    let (_, rows) = w.courier.cleanup().await.unwrap();
+    assert!(rows >= 2, "the inbox row and the message row are deleted, got {rows}");
+}
+
+#[tokio::test]
+async fn a_device_unseen_for_30_days_expires_and_frees_its_slot() {
+    let w = world(Limits::default());
+    let d1 = w.device("u", "d1").await;
+    w.device("u", "d2").await;
+    w.device("u", "d3").await;
+    let over = w
+        .courier
+        .connect(&d1.user, &DeviceId::try_from("d4").unwrap(), &ConnectionId::try_from("c4").unwrap())
+        .await;
+    assert!(matches!(over, Err(Error::LimitExceeded(m)) if m.contains("3 devices")));
+
+    w.courier.disconnect(&d1.connection).await.unwrap();
+    w.clock.advance(30 * DAY_MS + 1);
+    for d in ["d2", "d3"] {
+        let c = ConnectionId::try_from(format!("u-{d}")).unwrap();
+        w.courier.connect(&d1.user, &DeviceId::try_from(d).unwrap(), &c).await.unwrap();
+    }
+    w.courier
+        .connect(&d1.user, &DeviceId::try_from("d4").unwrap(), &ConnectionId::try_from("c4").unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_feed_pushes_once_to_each_device_of_a_user_holding_it_on_two() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let bob2 = w.device("bob", "tablet").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    let msg_id = w.send_unmarked(&alice, &chat, "hi").await;
+    w.courier.finish_fanout(&chat, &msg_id).await.unwrap();
+    for device in [&bob, &bob2] {
+        assert_eq!(w.push.messages_to(device.connection.as_str()).len(), 1, "{}", device.device);
+    }
+}
+
+#[tokio::test]
+async fn the_feed_finishes_a_fan_out_the_sender_never_marked_and_skips_acked_inboxes() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let bob2 = w.device("bob", "tablet").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    let msg_id = w.send_unmarked(&alice, &chat, "hi").await;
+    w.courier.ack(&bob2, Ack { message_ids: Some(vec![msg_id.clone()]), message_id: None }).await.unwrap();
+
+    let unfinished = w.store.unfinished(w.clock.now() + 1, 10).await.unwrap();
+    assert_eq!(unfinished, vec![(chat.clone(), msg_id.clone())]);
+    w.courier.finish_fanout(&chat, &msg_id).await.unwrap();
+    assert_eq!(w.push.messages_to(bob.connection.as_str()).len(), 1, "the holder gets the push");
+    assert!(
+        w.push.messages_to(bob2.connection.as_str()).is_empty(),
+        "the device that acked gets nothing again"
+    );
+    // The mark is committed with the next group: a flush waits for it.
+    w.store.flush().await.unwrap();
+    assert!(w.store.unfinished(w.clock.now() + 1, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_gone_connection_is_unbound_so_later_sends_skip_it() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    w.push.gone.lock().unwrap().insert(bob.connection.to_string());
+    w.send(&alice, &chat, "one").await;
+    let devices = w.store.devices_of(std::slice::from_ref(&bob.user), 0).await.unwrap();
+    assert_eq!(devices[0].connection, None, "410 unbinds the device");
+    assert_eq!(w.inbox(&bob).await.len(), 1, "the message still waits in the inbox");
+}
+
+#[tokio::test]
+async fn large_fan_outs_go_through_delivery_jobs() {
+    let w = world(Limits { inline_push_limit: 2, ..Limits::default() });
+    let alice = w.device("alice", "p").await;
+    let mut others = Vec::new();
+    for u in ["b", "c", "d", "e"] {
+        others.push(w.device(u, "p").await);
+    }
+    let chat = w.chat(&alice, &["b", "c", "d", "e"]).await;
+    w.push.sent.lock().unwrap().clear();
+    w.send(&alice, &chat, "to many").await;
+    assert!(w.push.sent.lock().unwrap().is_empty(), "nothing pushed inline past the limit");
+    let jobs = w.store.due_jobs(10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    w.courier.run_job(&jobs[0].2).await.unwrap();
+    for o in &others {
+        assert_eq!(w.push.messages_to(o.connection.as_str()).len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn once_every_device_acked_no_copy_of_the_text_remains() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    let id = w.send(&alice, &chat, "a secret text").await;
+    let mid = courier_core::ids::MessageId::try_from(id).unwrap();
+    w.courier.ack(&bob, Ack { message_ids: None, message_id: Some(mid) }).await.unwrap();
+    w.store.flush().await.unwrap();
+    let db = rusqlite::Connection::open(w._dir.path().join("t.db")).unwrap();
+    let copies: i64 = db
+        .query_row(
+            "SELECT (SELECT count(*) FROM inbox WHERE body LIKE '%a secret text%')
+                  + (SELECT count(*) FROM messages WHERE body LIKE '%a secret text%')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(copies, 0);
+}
