@@ -5,112 +5,12 @@
 //! template as CloudFormation; this checks it as Courier.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 
 use courier_aws::lambda::{CONNECT, DEFAULT, DISCONNECT};
 use courier_aws::{ENV_VARS, schema};
 use courier_core::protocol::Action;
-use saphyr::{LoadableYamlNode, Scalar, Yaml};
-use serde_json::{Map, Value, json};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_owned()
-}
-
-/// A YAML node as JSON, CloudFormation's short forms turned into long ones:
-/// `!Ref X` is `{"Ref": "X"}`, `!GetAtt A.B` is `{"Fn::GetAtt": ["A", "B"]}`,
-/// `!Sub s` is `{"Fn::Sub": s}`, and so on.
-fn to_json(node: &Yaml) -> Value {
-    match node {
-        Yaml::Value(Scalar::Null) | Yaml::BadValue | Yaml::Alias(_) => Value::Null,
-        Yaml::Value(Scalar::Boolean(b)) => Value::Bool(*b),
-        Yaml::Value(Scalar::Integer(i)) => json!(i),
-        Yaml::Value(Scalar::FloatingPoint(f)) => json!(f.into_inner()),
-        Yaml::Value(Scalar::String(s)) | Yaml::Representation(s, _, _) => Value::String(s.to_string()),
-        Yaml::Sequence(items) => Value::Array(items.iter().map(to_json).collect()),
-        Yaml::Mapping(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| {
-                    let key = match to_json(k) {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (key, to_json(v))
-                })
-                .collect(),
-        ),
-        Yaml::Tagged(tag, inner) => {
-            let inner = to_json(inner);
-            let (key, value) = match tag.suffix.as_str() {
-                "Ref" => ("Ref".to_owned(), inner),
-                "Condition" => ("Condition".to_owned(), inner),
-                "GetAtt" => {
-                    let parts = match &inner {
-                        Value::String(s) => {
-                            let (resource, attribute) =
-                                s.split_once('.').expect("!GetAtt Resource.Attribute");
-                            json!([resource, attribute])
-                        }
-                        _ => inner,
-                    };
-                    ("Fn::GetAtt".to_owned(), parts)
-                }
-                other => (format!("Fn::{other}"), inner),
-            };
-            Value::Object(Map::from_iter([(key, value)]))
-        }
-    }
-}
-
-struct Template {
-    doc: Value,
-}
-
-impl Template {
-    fn load() -> Template {
-        let text = std::fs::read_to_string(root().join("template.yaml")).expect("template.yaml");
-        let docs = Yaml::load_from_str(&text).expect("template.yaml parses as YAML");
-        assert_eq!(docs.len(), 1, "template.yaml is one document");
-        Template { doc: to_json(&docs[0]) }
-    }
-
-    fn resources(&self) -> &Map<String, Value> {
-        self.doc["Resources"].as_object().expect("Resources")
-    }
-
-    fn resource(&self, id: &str) -> &Value {
-        self.resources().get(id).unwrap_or_else(|| panic!("template.yaml has no resource {id}"))
-    }
-
-    fn of_type(&self, kind: &str) -> Vec<(&str, &Value)> {
-        self.resources().iter().filter(|(_, r)| r["Type"] == kind).map(|(id, r)| (id.as_str(), r)).collect()
-    }
-
-    fn globals(&self) -> &Value {
-        &self.doc["Globals"]["Function"]
-    }
-
-    /// A function property, from the function or else from Globals.
-    fn function_property(&self, id: &str, name: &str) -> Value {
-        let own = &self.resource(id)["Properties"][name];
-        if own.is_null() { self.globals()[name].clone() } else { own.clone() }
-    }
-
-    /// A function's environment: Globals' merged with its own.
-    fn environment(&self, id: &str) -> Map<String, Value> {
-        let mut env = self.globals()["Environment"]["Variables"].as_object().cloned().unwrap_or_default();
-        if let Some(own) = self.resource(id)["Properties"]["Environment"]["Variables"].as_object() {
-            env.extend(own.clone());
-        }
-        env
-    }
-
-    /// The statements of a function's inline policies.
-    fn statements(&self, id: &str) -> Vec<Value> {
-        let policies = self.resource(id)["Properties"]["Policies"].as_array().cloned().unwrap_or_default();
-        policies.iter().flat_map(|p| p["Statement"].as_array().cloned().unwrap_or_default()).collect()
-    }
-}
+use courier_testkit::template::{Template, root};
+use serde_json::{Value, json};
 
 /// `sendMessage` -> `send-message`; `$connect` -> `connect`.
 fn binary_of_route(route: &str) -> String {
@@ -263,11 +163,16 @@ fn every_action_has_a_route_and_every_route_a_function() {
         });
         assert!(permitted, "no permission for API Gateway to invoke {function} from {key}");
 
-        // The binary runs the handler of that route.
-        let handler = binary.replace('-', "_");
+        // The binary runs the edge of that route: its own handler for the
+        // connection routes, the one command edge (and so the core's
+        // dispatch) for the actions.
+        let handler = match key.as_str() {
+            "$connect" | "$disconnect" | "$default" => binary.replace('-', "_"),
+            _ => "command".to_owned(),
+        };
         assert!(
-            binary_source(&binary).contains(&format!("handlers::{handler}(")),
-            "functions/src/bin/{binary}.rs should run handlers::{handler}"
+            binary_source(&binary).contains(&format!("lambda::{handler}(")),
+            "functions/src/bin/{binary}.rs should run lambda::{handler}"
         );
     }
 }
@@ -699,10 +604,15 @@ fn sam_cache_inputs_link_the_workspace() {
             path.display()
         );
     }
-    // The only workspace crate the functions are built from is courier-shared.
+    // Every workspace crate the functions are built from lives under shared/.
     let manifest =
         std::fs::read_to_string(root().join("functions/Cargo.toml")).expect("functions/Cargo.toml");
     for line in manifest.lines().filter(|l| l.starts_with("courier-")) {
-        assert!(line.starts_with("courier-shared "), "functions/.sam-cache-inputs misses a crate: {line}");
+        let name = line.split(['.', ' ', '=']).next().unwrap_or_default();
+        let dir = name.strip_prefix("courier-").unwrap_or_default();
+        assert!(
+            root().join("shared").join(dir).join("Cargo.toml").is_file(),
+            "functions/.sam-cache-inputs misses a crate: {line}"
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! A frame is parsed once into a [`Request`], its command runs as one
 //! service call with the caller the connection was authorised as, and the
 //! result becomes the response frame. Only a frame that does not parse is
-//! read a second time, leniently, to echo its action and requestId.
+//! read again, leniently, to echo its action and requestId and say what is
+//! wrong.
 
 use std::borrow::Cow;
 
@@ -89,10 +90,7 @@ pub fn error_frame(action: &str, request_id: Option<String>, error: &Error) -> S
 
 /// Parses a frame, or returns the FAILURE that answers it.
 fn parse(frame: &str) -> Result<Request, String> {
-    // serde reads a struct from a JSON array too; a frame must be an object.
-    if frame.trim_start().starts_with('{')
-        && let Ok(request) = serde_json::from_str::<Request>(frame)
-    {
+    if let Ok(request) = serde_json::from_str::<Request>(frame) {
         return Ok(request);
     }
     let head = match head(frame) {

@@ -7,6 +7,8 @@ use serde_json::value::RawValue;
 
 use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
 
+mod request;
+
 /// The route keys of the WebSocket API, one per command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -76,19 +78,17 @@ pub enum Status {
 
 // ---- commands (client to server) ----
 
-/// One client frame: the command, tagged by its `action` (the route key),
-/// and the `requestId` its answer echoes.
-#[derive(Debug, Deserialize)]
+/// One client frame: the command its `action` names, and the `requestId`
+/// its answer echoes. It reads the frame in one pass (see [`request`]); parse
+/// it with `serde_json::from_str`, whose borrowed input that pass relies on.
+#[derive(Debug)]
 pub struct Request {
-    #[serde(rename = "requestId", default)]
     pub request_id: Option<RequestId>,
-    #[serde(flatten)]
     pub command: Command,
 }
 
 /// Every command of the protocol, one variant per action.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "action", rename_all = "camelCase")]
+#[derive(Debug)]
 pub enum Command {
     CreateChat(CreateChat),
     SendMessage(SendMessage),
