@@ -61,13 +61,13 @@ impl Courier {
 
     #[instrument(level = "debug", skip_all, fields(user = %caller.user, attachment = %id))]
     pub async fn get_attachment(&self, caller: &Caller, id: &AttachmentId) -> Result<AttachmentLink> {
-        let not_found = || Error::NotFound(format!("no attachment {id}"));
+        let not_found = || Error::NotFound("no such attachment".into());
         let attachment = self.ports.attachments.attachment(id).await?.ok_or_else(not_found)?;
         if attachment.uploader != caller.user && !self.shares_a_chat_with(caller, &attachment).await? {
             return Err(Error::Forbidden("this attachment was not shared in any of your chats".into()));
         }
         if !self.ports.blobs.uploaded(&attachment).await? {
-            return Err(Error::NotFound(format!("attachment {id} has not been uploaded yet")));
+            return Err(Error::NotFound("the attachment has not been uploaded yet".into()));
         }
         let link =
             self.ports.blobs.presign_download(&attachment, self.now() + self.limits.url_ttl_ms).await?;
@@ -101,9 +101,9 @@ impl Courier {
                 _ => false,
             };
             if !usable {
-                return Err(Error::BadRequest(format!(
-                    "attachment {id} is not an upload of yours that has completed"
-                )));
+                return Err(Error::BadRequest(
+                    "an attachment is not an upload of yours that has completed".into(),
+                ));
             }
         }
         Ok(())

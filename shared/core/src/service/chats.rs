@@ -100,9 +100,9 @@ impl Courier {
     /// The chat, if the caller is one of its participants.
     pub(super) async fn member_chat(&self, caller: &Caller, id: &ChatId) -> Result<Chat> {
         let chat = self.ports.chats.chat(id).await?;
-        let chat = chat.ok_or_else(|| Error::NotFound(format!("no chat {id}")))?;
+        let chat = chat.ok_or_else(|| Error::NotFound("no such chat".into()))?;
         if !chat.is_member(&caller.user) {
-            return Err(Error::Forbidden(format!("you are not a participant of chat {id}")));
+            return Err(Error::Forbidden("you are not a participant of this chat".into()));
         }
         Ok(chat)
     }

@@ -50,7 +50,7 @@ impl Courier {
     #[instrument(level = "debug", skip_all, fields(user = %caller.user, device = %device))]
     pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<Option<ConnectionId>> {
         let removed = self.ports.devices.remove_device(&caller.user, device).await?;
-        let removed = removed.ok_or_else(|| Error::NotFound(format!("you have no device {device}")))?;
+        let removed = removed.ok_or_else(|| Error::NotFound("you have no such device".into()))?;
         match removed.connection {
             Some(connection) if connection == caller.connection => Ok(Some(connection)),
             Some(connection) => {
