@@ -172,13 +172,10 @@ impl Aws {
 }
 
 /// Maps an SDK error: throttling, timeouts and 5xx are worth a retry, the rest is a bug.
-pub(crate) fn sdk_error<E>(
-    e: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-) -> Error
+pub(crate) fn sdk_error<E>(e: SdkError<E>) -> Error
 where
     E: std::error::Error + Send + Sync + aws_sdk_dynamodb::error::ProvideErrorMetadata + 'static,
 {
-    use aws_sdk_dynamodb::error::SdkError;
     let retryable = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
         SdkError::ServiceError(service) => {
@@ -193,6 +190,60 @@ where
         }
         _ => false,
     };
-    let e = aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string();
+    let e = SdkFailure(e);
     if retryable { Error::unavailable(e) } else { Error::internal(e) }
+}
+
+/// Any SDK client's error, from any operation.
+type SdkError<E> = aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>;
+
+/// An SDK error kept whole, so the source chain reaches the service's own
+/// error. It displays with its context, because the SDK's own display is
+/// only "service error" and most logs show just the display.
+#[derive(Debug)]
+pub(crate) struct SdkFailure<E>(pub(crate) SdkError<E>);
+
+impl<E: std::error::Error + 'static> std::fmt::Display for SdkFailure<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        aws_sdk_dynamodb::error::DisplayErrorContext(&self.0).fmt(f)
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for SdkFailure<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use aws_sdk_dynamodb::operation::get_item::GetItemError;
+
+    use super::*;
+
+    /// The first error of type `T` in `e`'s source chain, `e` included.
+    fn in_chain<'a, T: std::error::Error + 'static>(
+        e: &'a (dyn std::error::Error + 'static),
+    ) -> Option<&'a T> {
+        std::iter::successors(Some(e), |&e| e.source()).find_map(|e| e.downcast_ref::<T>())
+    }
+
+    #[test]
+    fn mapped_sdk_errors_keep_their_source() {
+        let e = sdk_error(SdkError::<GetItemError>::timeout_error(std::io::Error::other("read timed out")));
+        assert!(e.is_retryable());
+        assert!(e.source().is_some_and(|s| s.is::<SdkFailure<GetItemError>>()), "{e:?}");
+        let sdk = in_chain::<SdkError<GetItemError>>(&e).expect("the SDK's error is in the chain");
+        assert!(matches!(sdk, SdkError::TimeoutError(_)), "{sdk:?}");
+        let original = in_chain::<std::io::Error>(&e).expect("the chain reaches the original error");
+        assert_eq!(original.to_string(), "read timed out");
+        // The SDK's own display is just "timeout"; the log line gets the cause.
+        assert!(e.to_string().contains("read timed out"), "{e}");
+
+        let e = sdk_error(SdkError::<GetItemError>::construction_failure("no region"));
+        assert!(!e.is_retryable());
+        assert!(in_chain::<SdkError<GetItemError>>(&e).is_some(), "{e:?}");
+    }
 }

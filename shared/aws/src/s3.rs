@@ -63,7 +63,7 @@ impl Blobs for S3Blobs {
             .checksum_sha256(&checksum)
             .presigned(config)
             .await
-            .map_err(Error::internal)?;
+            .map_err(super::sdk_error)?;
         // The client must send exactly the signed headers; the length goes as
         // Content-Length, which every HTTP client sets from the body itself.
         let headers: BTreeMap<String, String> = request
@@ -83,7 +83,7 @@ impl Blobs for S3Blobs {
             .key(Self::key(attachment))
             .presigned(config)
             .await
-            .map_err(Error::internal)?;
+            .map_err(super::sdk_error)?;
         Ok(Presigned { url: request.uri().to_owned(), headers: BTreeMap::new(), expires_at })
     }
 

@@ -67,7 +67,8 @@ pub async fn all(t: &Tables) {
     attachments(t).await;
 }
 
-pub(crate) fn chat_of(id: ChatId, users: &[&UserId]) -> Chat {
+/// A chat of `users` made at the suite's time, the first its admin; adapters' own tests use it too.
+pub fn chat_of(id: ChatId, users: &[&UserId]) -> Chat {
     Chat {
         id,
         name: "contract".into(),

@@ -1,0 +1,413 @@
+//! `MessageStore`: message and dedupe rows in Messages, one row per recipient device in Inbox.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem};
+use serde::Deserialize;
+use tracing::instrument;
+
+use super::batch::{delete_request, put_request};
+use super::rows::{DedupeRow, InboxRow, MessageRow, from_item, to_item};
+use super::{
+    DynamoTables, Item, cancellation_reasons, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs,
+    unique,
+};
+use crate::{SdkFailure, sdk_error};
+use courier_core::domain::{InboxKey, Millis};
+use courier_core::error::{Error, Result};
+use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
+use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+
+/// Dedupe rows share the Messages partition of their chat under this sort-key prefix.
+const DEDUPE_PREFIX: &str = "dedupe#";
+
+fn dedupe_text(key: &DedupeKey) -> String {
+    format!("{DEDUPE_PREFIX}{}#{}#{}", key.user, key.device, key.client_message_id)
+}
+
+#[async_trait]
+impl MessageStore for DynamoTables {
+    #[instrument(level = "debug", skip_all, fields(chat = %message.chat, message = %message.id, recipients = message.recipients.len()))]
+    async fn store(
+        &self,
+        message: &StoredMessage,
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Store> {
+        let table = &self.names.messages_table;
+        let expires = ttl_secs(expires_at);
+        let dedupe = dedupe.map(dedupe_text);
+        let row = MessageRow {
+            chat_id: message.chat.clone(),
+            message_id: message.id.clone(),
+            timestamp: message.timestamp,
+            body: Some(message.json.clone()),
+            recipients: message.recipients.iter().map(InboxKey::key).collect(),
+            fanned_out: false,
+            dedupe: dedupe.clone(),
+            expires_at: expires,
+        };
+        let item = to_item(&row)?;
+        match &dedupe {
+            Some(dedupe) => {
+                let claim = DedupeRow {
+                    chat_id: message.chat.clone(),
+                    message_id: dedupe.clone(),
+                    first_message_id: message.id.clone(),
+                    expires_at: expires,
+                };
+                let put_message = Put::builder()
+                    .table_name(table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(messageId)")
+                    .build()
+                    .map_err(Error::internal)?;
+                // A claim past its expiry that TTL has not removed yet is free
+                // to take. The message's own time stands in for "now".
+                let put_claim = Put::builder()
+                    .table_name(table)
+                    .set_item(Some(to_item(&claim)?))
+                    .condition_expression("attribute_not_exists(messageId) OR expiresAt <= :now")
+                    .expression_attribute_values(":now", n(now_secs(message.timestamp)))
+                    .build()
+                    .map_err(Error::internal)?;
+                // The SDK sets a ClientRequestToken, so its own retries of
+                // this call cannot trip over their first attempt.
+                let written = self
+                    .client
+                    .transact_write_items()
+                    .transact_items(TransactWriteItem::builder().put(put_message).build())
+                    .transact_items(TransactWriteItem::builder().put(put_claim).build())
+                    .send()
+                    .await;
+                if let Err(e) = written {
+                    return match cancellation_reasons(&e).as_slice() {
+                        [_, "ConditionalCheckFailed"] => self.duplicate(&message.chat, dedupe).await,
+                        // A concurrent send with the same key (its retry finds
+                        // the winner), or throttling: worth another try. Not
+                        // sdk_error, which takes any cancelled transaction for
+                        // a bug; the error's message lists the reasons.
+                        r if r.iter().any(|c| {
+                            matches!(
+                                *c,
+                                "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
+                            )
+                        }) =>
+                        {
+                            Err(Error::unavailable(SdkFailure(e)))
+                        }
+                        _ => Err(sdk_error(e)),
+                    };
+                }
+            }
+            None => {
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(messageId)")
+                    .send()
+                    .await;
+                match put {
+                    Ok(_) => {}
+                    // The SDK retried a put whose first attempt landed: the
+                    // row is ours, and the inbox rows below are still due.
+                    Err(e) if condition_failed(&e) => {
+                        let ours = self.message(&message.chat, &message.id).await?.is_some_and(|m| {
+                            m.timestamp == message.timestamp && (m.fanned_out || m.json == message.json)
+                        });
+                        if !ours {
+                            return Err(Error::internal(format!("message id {} is taken", message.id)));
+                        }
+                    }
+                    Err(e) => return Err(sdk_error(e)),
+                }
+            }
+        }
+        self.put_inbox_rows(&message.id, &message.json, &message.recipients, expires).await?;
+        Ok(Store::Stored)
+    }
+
+    /// Not filtered on `expiresAt`: the port passes no time. A message past
+    /// it is harmless to the callers (its inbox rows are filtered) and the
+    /// clean-up job deletes it.
+    async fn message(&self, chat: &ChatId, id: &MessageId) -> Result<Option<StoredMessage>> {
+        // The Messages stream carries dedupe rows too; they are no message.
+        if id.as_str().starts_with(DEDUPE_PREFIX) {
+            return Ok(None);
+        }
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.names.messages_table)
+            .set_key(Some(key([("chatId", chat.as_str()), ("messageId", id.as_str())])))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        out.item.map(|i| from_item::<MessageRow>(i).map(StoredMessage::from)).transpose()
+    }
+
+    async fn mark_fanned_out(&self, chat: &ChatId, id: &MessageId) -> Result<()> {
+        let marked = self
+            .client
+            .update_item()
+            .table_name(&self.names.messages_table)
+            .set_key(Some(key([("chatId", chat.as_str()), ("messageId", id.as_str())])))
+            .update_expression("SET fannedOut = :t REMOVE body, recipients")
+            // Never create a stub for a message that is gone.
+            .condition_expression("attribute_exists(messageId)")
+            .expression_attribute_values(":t", AttributeValue::Bool(true))
+            .send()
+            .await;
+        match marked {
+            Err(e) if condition_failed(&e) => Ok(()),
+            other => other.map(drop).map_err(sdk_error),
+        }
+    }
+
+    /// For recovery only (the local feed's kind of sweep, or an operator's):
+    /// a Scan reads the whole table. Deployed, the stream finds these.
+    /// Returns the first `limit` found, oldest first among them.
+    async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>> {
+        let mut items = self
+            .client
+            .scan()
+            .table_name(&self.names.messages_table)
+            .filter_expression("fannedOut = :f AND #ts < :before AND NOT begins_with(messageId, :dedupe)")
+            .projection_expression("chatId, messageId, #ts")
+            .expression_attribute_names("#ts", "timestamp")
+            .expression_attribute_values(":f", AttributeValue::Bool(false))
+            .expression_attribute_values(":before", n(before))
+            .expression_attribute_values(":dedupe", s(DEDUPE_PREFIX))
+            .into_paginator()
+            .items()
+            .send();
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Found {
+            chat_id: ChatId,
+            message_id: MessageId,
+            timestamp: Millis,
+        }
+        let mut found = Vec::new();
+        while found.len() < limit
+            && let Some(item) = items.try_next().await.map_err(sdk_error)?
+        {
+            found.push(from_item::<Found>(item)?);
+        }
+        found.sort_by_key(|f| f.timestamp);
+        Ok(found.into_iter().map(|f| (f.chat_id, f.message_id)).collect())
+    }
+
+    async fn holders(&self, id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>> {
+        let lookups =
+            unique(keys).iter().map(|k| key([("inbox", &k.key()), ("messageId", id.as_str())])).collect();
+        let found = self.get_batches(&self.names.inbox_table, lookups, Some("inbox, expiresAt")).await?;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Held {
+            inbox: String,
+            expires_at: i64,
+        }
+        let mut live = HashSet::new();
+        for item in found {
+            let held: Held = from_item(item)?;
+            if held.expires_at > now_secs(now) {
+                live.insert(held.inbox);
+            }
+        }
+        Ok(keys.iter().filter(|k| live.contains(&k.key())).cloned().collect())
+    }
+
+    async fn inbox_page(
+        &self,
+        inbox: &InboxKey,
+        after: Option<&MessageId>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<(MessageId, String)>> {
+        let mut page = Vec::new();
+        let mut start = None;
+        // Limit caps the rows read, before the expiry filter drops any, so
+        // one call may come back short with more behind it: read on.
+        while page.len() < limit {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.names.inbox_table)
+                .consistent_read(true)
+                .key_condition_expression("inbox = :k")
+                .filter_expression("expiresAt > :now")
+                .expression_attribute_values(":k", s(inbox.key()))
+                .expression_attribute_values(":now", n(now_secs(now)))
+                .limit((limit - page.len()).min(i32::MAX as usize) as i32)
+                .set_exclusive_start_key(start.take());
+            if let Some(after) = after {
+                query = query
+                    .key_condition_expression("inbox = :k AND messageId > :after")
+                    .expression_attribute_values(":after", s(after.as_str()));
+            }
+            let out = query.send().await.map_err(sdk_error)?;
+            for item in out.items.unwrap_or_default() {
+                let row: InboxRow = from_item(item)?;
+                page.push((row.message_id, row.body));
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        page.truncate(limit);
+        Ok(page)
+    }
+
+    /// One DeleteItem per id, in parallel, each returning the row it
+    /// deleted, so the count needs no read: a delete costs the same write
+    /// unit whether the row was there or not, and reading first cost a read
+    /// unit per id on top (BatchWriteItem returns nothing to count by).
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64> {
+        let inbox = inbox.key();
+        let deletes = unique(ids).into_iter().map(|id| {
+            let inbox = &inbox;
+            async move {
+                let out = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.names.inbox_table)
+                    .set_key(Some(key([("inbox", inbox), ("messageId", id.as_str())])))
+                    .return_values(ReturnValue::AllOld)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                Ok(out.attributes.is_some_and(|a| !a.is_empty()) as u64)
+            }
+        });
+        Ok(in_parallel(deletes.collect()).await?.into_iter().sum())
+    }
+
+    async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
+        let pending = InboxKey::Pending(user.clone()).key();
+        let target = InboxKey::Device(user.clone(), device.clone()).key();
+        let rows = self.inbox_partition(&pending, None).await?.into_iter().map(from_item::<InboxRow>);
+        let rows = rows.collect::<Result<Vec<_>>>()?;
+        let claimed = rows.len() as u64;
+        let mut puts = Vec::with_capacity(rows.len());
+        let mut deletes = Vec::with_capacity(rows.len());
+        for row in rows {
+            deletes.push(delete_request(key([("inbox", &pending), ("messageId", row.message_id.as_str())]))?);
+            puts.push(put_request(to_item(&InboxRow { inbox: target.clone(), ..row })?)?);
+        }
+        // Copies first, then the originals: a crash in between leaves a
+        // second claim to copy again (harmless), never a lost message.
+        self.write_batches(&self.names.inbox_table, puts).await?;
+        self.write_batches(&self.names.inbox_table, deletes).await?;
+        Ok(claimed)
+    }
+
+    /// Deployed, TTL does this within days and this job is a backstop; it is
+    /// a Scan of two tables, so it runs on a schedule, never on a request.
+    #[instrument(level = "debug", skip_all)]
+    async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
+        let inbox = self.delete_expired(&self.names.inbox_table, "inbox", "messageId", now).await?;
+        let messages = self.delete_expired(&self.names.messages_table, "chatId", "messageId", now).await?;
+        Ok(inbox + messages)
+    }
+}
+
+impl DynamoTables {
+    /// Every row of one inbox partition, oldest first, expired or not.
+    async fn inbox_partition(&self, inbox: &str, projection: Option<&str>) -> Result<Vec<Item>> {
+        self.client
+            .query()
+            .table_name(&self.names.inbox_table)
+            .consistent_read(true)
+            .key_condition_expression("inbox = :k")
+            .expression_attribute_values(":k", s(inbox))
+            .set_projection_expression(projection.map(str::to_owned))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(sdk_error)
+    }
+
+    /// Deletes a whole inbox partition.
+    pub(super) async fn delete_inbox(&self, inbox: &str) -> Result<()> {
+        let keys = self.inbox_partition(inbox, Some("inbox, messageId")).await?;
+        let deletes = keys.into_iter().map(delete_request).collect::<Result<Vec<_>>>()?;
+        self.write_batches(&self.names.inbox_table, deletes).await
+    }
+
+    /// What a send with this dedupe key stored first. A first attempt that
+    /// died between its message row and its inbox rows left the message
+    /// unfanned; its inbox rows are put (again, idempotently) so the retry's
+    /// success is true.
+    async fn duplicate(&self, chat: &ChatId, dedupe: &str) -> Result<Store> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.names.messages_table)
+            .set_key(Some(key([("chatId", chat.as_str()), ("messageId", dedupe)])))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let Some(item) = out.item else {
+            return Err(Error::unavailable("the dedupe row vanished; retry"));
+        };
+        let row: DedupeRow = from_item(item)?;
+        let Some(first) = self.message(chat, &row.first_message_id).await? else {
+            return Err(Error::unavailable("the deduped message is gone; retry"));
+        };
+        if !first.fanned_out {
+            self.put_inbox_rows(&first.id, &first.json, &first.recipients, row.expires_at).await?;
+        }
+        Ok(Store::Duplicate(first))
+    }
+
+    async fn put_inbox_rows(
+        &self,
+        id: &MessageId,
+        json: &str,
+        recipients: &[InboxKey],
+        expires_at: i64,
+    ) -> Result<()> {
+        let puts = unique(recipients)
+            .iter()
+            .map(|k| {
+                let row =
+                    InboxRow { inbox: k.key(), message_id: id.clone(), body: json.to_owned(), expires_at };
+                put_request(to_item(&row)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write_batches(&self.names.inbox_table, puts).await
+    }
+
+    /// Deletes the rows of one table whose `expiresAt` has passed, page by
+    /// page as the scan goes. Returns how many.
+    async fn delete_expired(&self, table: &str, hash: &str, range: &str, now: Millis) -> Result<u64> {
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(table)
+            .filter_expression("expiresAt <= :now")
+            .projection_expression("#h, #r")
+            .expression_attribute_names("#h", hash)
+            .expression_attribute_names("#r", range)
+            .expression_attribute_values(":now", n(now_secs(now)))
+            .into_paginator()
+            .send();
+        let mut deleted = 0;
+        while let Some(page) = pages.try_next().await.map_err(sdk_error)? {
+            let keys = page.items.unwrap_or_default();
+            deleted += keys.len() as u64;
+            let deletes = keys.into_iter().map(delete_request).collect::<Result<Vec<_>>>()?;
+            self.write_batches(table, deletes).await?;
+        }
+        Ok(deleted)
+    }
+}
