@@ -5,8 +5,9 @@
 //!
 //! The authorizer's token in events/authorizer.json and events/connect.json
 //! is an HS256 JWT for `alice` signed with [`EVENTS_SECRET`], valid until
-//! 2100: `cargo lambda invoke authorizer --data-file events/authorizer.json`
-//! works with `COURIER_JWT_SECRET=courier-events-secret`. Never deploy with it.
+//! 2100, far past the day a deployed authorizer accepts
+//! (`courier_core::auth::MAX_LIFETIME`): only a verifier told to accept it
+//! does, as this test's is. Never deploy with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -199,7 +200,14 @@ fn is_ulid(value: &Value) -> bool {
 #[test]
 fn the_authorizer_event_names_alice_and_her_device() {
     let request: ApiGatewayCustomAuthorizerRequestTypeRequest = event("authorizer");
-    let verifier = Verifier::hs256(EVENTS_SECRET).unwrap();
+    // A fixture must not expire, so its token lasts until 2100: longer than a real one may.
+    let refused = lambda::authorizer(&Verifier::hs256(EVENTS_SECRET).unwrap(), &request);
+    assert!(
+        matches!(&refused, Err(courier_core::Error::Unauthorized(why)) if why == "token lifetime too long"),
+        "a token valid for decades is refused by default"
+    );
+    let verifier =
+        Verifier::hs256(EVENTS_SECRET).unwrap().with_max_lifetime(Duration::from_secs(100 * 365 * 86_400));
     let response =
         lambda::authorizer(&verifier, &request).expect("the token in events/authorizer.json is valid");
     assert_eq!(response.principal_id.as_deref(), Some("alice"));

@@ -53,6 +53,32 @@ async fn an_expired_token_is_refused_with_401() {
 }
 
 #[tokio::test]
+async fn a_token_not_yet_valid_is_refused_with_401() {
+    let server = Server::start().await;
+    let secret = &server.config.jwt_secret;
+    let now = jsonwebtoken::get_current_timestamp();
+    let later = sign(Algorithm::HS256, secret, &json!({ "sub": "alice", "exp": now + 600, "nbf": now + 60 }));
+    assert_eq!(refusal(&server, &later, "phone").await, 401);
+    let from_now = sign(Algorithm::HS256, secret, &json!({ "sub": "alice", "exp": now + 600, "nbf": now }));
+    Client::connect(&server.url, &from_now, "phone").await.expect("valid from nbf on");
+}
+
+#[tokio::test]
+async fn a_token_valid_for_more_than_a_day_is_refused_with_401() {
+    let server = Server::start().await;
+    let secret = &server.config.jwt_secret;
+    let day = 24 * 60 * 60;
+    let now = jsonwebtoken::get_current_timestamp();
+    let long = sign(Algorithm::HS256, secret, &json!({ "sub": "alice", "iat": now, "exp": now + day + 1 }));
+    assert_eq!(refusal(&server, &long, "phone").await, 401, "iat to exp");
+    let no_iat = sign(Algorithm::HS256, secret, &json!({ "sub": "alice", "exp": now + 30 * day }));
+    assert_eq!(refusal(&server, &no_iat, "phone").await, 401, "now to exp");
+    // What `courier-local token` mints by default: a day exactly.
+    let minted = courier_core::auth::mint(secret.as_bytes(), "alice", day as i64);
+    Client::connect(&server.url, &minted, "phone").await.expect("a day is accepted");
+}
+
+#[tokio::test]
 async fn an_unsigned_alg_none_token_is_refused_with_401() {
     let server = Server::start().await;
     let header = B64.encode(br#"{"alg":"none","typ":"JWT"}"#);

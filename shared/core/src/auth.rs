@@ -1,6 +1,7 @@
 //! Token verification for $connect: the JWT rules of the protocol, and dev tokens.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -12,19 +13,30 @@ use crate::ids::UserId;
 /// The local server's secret when `COURIER_JWT_SECRET` is not set.
 pub const DEV_SECRET: &str = "courier-dev-secret";
 
+/// The longest a token may be valid for, unless configured otherwise. A
+/// leaked token opens connections until it expires, so issuers must not mint
+/// ones that never do; a day is the longest Cognito issues ID and access
+/// tokens for, and what `courier-local token` mints by default.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     /// Defaulted so that a missing `sub` is reported as such, not as a malformed token.
     #[serde(default)]
     sub: String,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
 }
 
-/// Checks tokens: signature, algorithm, expiry, `sub`, and `iss`/`aud` when configured.
+/// Checks tokens: signature, algorithm, `exp`, `nbf`, lifetime, `sub`, and
+/// `iss`/`aud` when configured.
 #[derive(Clone)]
 pub struct Verifier {
     keys: Keys,
     validation: Validation,
+    /// The longest `exp - iat` (or, without `iat`, `exp - now`) accepted, in seconds.
+    max_lifetime: u64,
 }
 
 #[derive(Clone)]
@@ -52,10 +64,7 @@ impl Verifier {
             return Err(Error::BadRequest("the JWT secret is empty".into()));
         }
         let key = DecodingKey::from_secret(secret).map_err(Error::internal)?;
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 0;
-        Ok(Self { keys: Keys::Secret(key), validation })
+        Ok(Self::new(Keys::Secret(key), Algorithm::HS256))
     }
 
     /// RS256 and ES256 (P-256) public keys from a JWKS document, such as a
@@ -79,10 +88,22 @@ impl Verifier {
         if keys.is_empty() {
             return Err(Error::internal("the JWKS holds no RS256 or P-256 key with a kid"));
         }
-        let mut validation = Validation::new(Algorithm::RS256);
+        Ok(Self::new(Keys::Set(keys), Algorithm::RS256))
+    }
+
+    fn new(keys: Keys, algorithm: Algorithm) -> Self {
+        let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // No leeway, for `nbf` as for `exp`: issuers and Courier keep time by NTP.
         validation.leeway = 0;
-        Ok(Self { keys: Keys::Set(keys), validation })
+        validation.validate_nbf = true;
+        Self { keys, validation, max_lifetime: MAX_LIFETIME.as_secs() }
+    }
+
+    /// Accepts tokens valid for at most `lifetime` (default [`MAX_LIFETIME`]).
+    pub fn with_max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime = lifetime.as_secs();
+        self
     }
 
     pub fn with_issuer(mut self, iss: &str) -> Self {
@@ -115,6 +136,7 @@ impl Verifier {
             use jsonwebtoken::errors::ErrorKind as K;
             let why = match e.kind() {
                 K::ExpiredSignature => "token expired",
+                K::ImmatureSignature => "token not yet valid",
                 K::InvalidSignature => "bad token signature",
                 K::InvalidAlgorithm | K::InvalidAlgorithmName => "token algorithm not accepted",
                 K::MissingRequiredClaim(_) => "token lacks a required claim",
@@ -124,15 +146,23 @@ impl Verifier {
             };
             Error::Unauthorized(why.into())
         })?;
-        UserId::try_from(data.claims.sub)
-            .map_err(|_| Error::Unauthorized("token sub is not a valid userId".into()))
+        let Claims { sub, exp, iat } = data.claims;
+        // From `iat`, or from now if that is earlier: an `iat` set in the
+        // future must not stretch how long the token is accepted.
+        let now = jsonwebtoken::get_current_timestamp();
+        let from = iat.map_or(now, |iat| iat.min(now));
+        if exp.saturating_sub(from) > self.max_lifetime {
+            return Err(refused("token lifetime too long"));
+        }
+        UserId::try_from(sub).map_err(|_| Error::Unauthorized("token sub is not a valid userId".into()))
     }
 }
 
-/// Mints an HS256 token for `user`, valid for `ttl_secs`: for development and tests.
+/// Mints an HS256 token for `user`, issued now and valid for `ttl_secs`: for
+/// development and tests.
 pub fn mint(secret: &[u8], user: &str, ttl_secs: i64) -> String {
     let now = jsonwebtoken::get_current_timestamp() as i64;
-    let claims = Claims { sub: user.to_owned(), exp: (now + ttl_secs).max(0) as u64 };
+    let claims = Claims { sub: user.to_owned(), exp: (now + ttl_secs).max(0) as u64, iat: Some(now as u64) };
     let key = EncodingKey::from_secret(secret).expect("an HS256 key takes any bytes");
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).expect("HS256 signing cannot fail")
 }
@@ -168,12 +198,72 @@ mod tests {
         assert!(Verifier::hs256(SECRET).unwrap().verify(&none).is_err());
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { sub: "alice".into(), exp: 9_999_999_999 },
+            &serde_json::json!({"sub": "alice", "exp": now() + 60}),
             &EncodingKey::from_secret(SECRET).unwrap(),
         )
         .unwrap();
         assert_eq!(refusal(&hs512), "token algorithm not accepted");
         assert_eq!(refusal("not-a-jwt"), "malformed token");
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn hs256(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn accepted(token: &str) -> bool {
+        Verifier::hs256(SECRET).unwrap().verify(token).is_ok()
+    }
+
+    #[test]
+    fn a_token_is_refused_before_its_nbf_and_accepted_from_it() {
+        let at = |nbf: u64| hs256(&serde_json::json!({"sub": "alice", "exp": now() + 600, "nbf": nbf}));
+        assert_eq!(refusal(&at(now() + 60)), "token not yet valid");
+        assert_eq!(refusal(&at(now() + 2)), "token not yet valid", "no leeway, as for exp");
+        assert!(accepted(&at(now())), "valid from nbf itself");
+        assert!(accepted(&at(now() - 60)));
+    }
+
+    #[test]
+    fn a_token_valid_for_longer_than_a_day_is_refused() {
+        let day = MAX_LIFETIME.as_secs();
+        let issued = now() - 10;
+        let lasting =
+            |secs: u64| hs256(&serde_json::json!({"sub": "alice", "iat": issued, "exp": issued + secs}));
+        assert!(accepted(&lasting(day)), "exactly the maximum is accepted");
+        assert_eq!(refusal(&lasting(day + 1)), "token lifetime too long");
+        // Counted from iat, not from now: a week-long token is refused on its last day too.
+        let old = now() - 6 * day;
+        let week = hs256(&serde_json::json!({"sub": "alice", "iat": old, "exp": old + 7 * day}));
+        assert_eq!(refusal(&week), "token lifetime too long");
+
+        // Without iat, from now.
+        let until = |exp: u64| hs256(&serde_json::json!({"sub": "alice", "exp": exp}));
+        assert!(accepted(&until(now() + day)), "exactly the maximum is accepted");
+        assert_eq!(refusal(&until(now() + day + 60)), "token lifetime too long");
+        // An iat in the future stretches nothing.
+        let ahead = hs256(&serde_json::json!({"sub": "alice", "iat": now() + day, "exp": now() + 2 * day}));
+        assert_eq!(refusal(&ahead), "token lifetime too long");
+    }
+
+    #[test]
+    fn the_maximum_lifetime_is_configurable_and_fits_minted_dev_tokens() {
+        // `courier-local token` mints for a day by default.
+        assert!(accepted(&mint(SECRET, "alice", MAX_LIFETIME.as_secs() as i64)));
+        let hour = Verifier::hs256(SECRET).unwrap().with_max_lifetime(Duration::from_secs(3600));
+        assert!(hour.verify(&mint(SECRET, "alice", 3600)).is_ok());
+        assert!(matches!(
+            hour.verify(&mint(SECRET, "alice", 3601)),
+            Err(Error::Unauthorized(why)) if why == "token lifetime too long"
+        ));
     }
 
     /// A P-256 key made for these tests, and its public half as a JWK.
@@ -191,7 +281,8 @@ mod tests {
     #[test]
     fn jwks_keys_verify_es256_tokens_by_kid_with_issuer_and_audience() {
         let verifier = Verifier::from_jwks(JWKS).unwrap().with_issuer("https://idp").with_audience("courier");
-        let good = serde_json::json!({"sub": "carol", "exp": 9_999_999_999u64, "iss": "https://idp", "aud": "courier"});
+        let exp = now() + 3600;
+        let good = serde_json::json!({"sub": "carol", "exp": exp, "iss": "https://idp", "aud": "courier"});
         assert_eq!(verifier.verify(&es256(Some("k1"), &good)).unwrap().as_str(), "carol");
 
         let refuse = |token: &str| match verifier.verify(token) {
@@ -200,9 +291,10 @@ mod tests {
         };
         assert_eq!(refuse(&es256(Some("k9"), &good)), "token key not accepted");
         assert_eq!(refuse(&es256(None, &good)), "token names no key");
-        let other_iss = serde_json::json!({"sub": "carol", "exp": 9_999_999_999u64, "iss": "https://evil", "aud": "courier"});
+        let other_iss =
+            serde_json::json!({"sub": "carol", "exp": exp, "iss": "https://evil", "aud": "courier"});
         assert_eq!(refuse(&es256(Some("k1"), &other_iss)), "token issuer not accepted");
-        let no_aud = serde_json::json!({"sub": "carol", "exp": 9_999_999_999u64, "iss": "https://idp"});
+        let no_aud = serde_json::json!({"sub": "carol", "exp": exp, "iss": "https://idp"});
         assert_eq!(refuse(&es256(Some("k1"), &no_aud)), "token lacks a required claim");
         // An HS256 token claiming the same kid is not accepted in place of the key's own algorithm.
         let mut header = Header::new(Algorithm::HS256);
