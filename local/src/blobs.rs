@@ -120,10 +120,15 @@ pub async fn download(
             Err(e) => Some((Err(e), file)),
         }
     });
+    // The bytes are whatever a user uploaded, served from the API's own
+    // origin: a browser must save them, never render them (an uploaded
+    // text/html would run as this origin's page) nor guess another type.
     (
         [
             (header::CONTENT_TYPE, attachment.content_type),
             (header::CONTENT_LENGTH, attachment.size.to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_DISPOSITION, "attachment".to_owned()),
         ],
         Body::from_stream(chunks),
     )

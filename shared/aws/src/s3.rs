@@ -81,6 +81,8 @@ impl Blobs for S3Blobs {
             .get_object()
             .bucket(&self.bucket)
             .key(Self::key(attachment))
+            // Signed into the URL: a browser saves the bytes rather than rendering them.
+            .response_content_disposition("attachment")
             .presigned(config)
             .await
             .map_err(super::sdk_error)?;
