@@ -36,6 +36,13 @@ impl TokenBucket {
         self.take_at(Instant::now())
     }
 
+    /// Whether the bucket has refilled to capacity by `now`: it is then no
+    /// different from a new one, so a holder of many may forget it.
+    pub fn is_full_at(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens + elapsed * self.limit.per_second >= self.limit.capacity
+    }
+
     fn take_at(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.limit.per_second).min(self.limit.capacity);
@@ -67,5 +74,15 @@ mod tests {
         let later = start + Duration::from_secs(60);
         assert!((0..3).all(|_| bucket.take_at(later)));
         assert!(!bucket.take_at(later));
+    }
+
+    #[test]
+    fn a_bucket_is_full_again_once_it_has_refilled_to_capacity() {
+        let mut bucket = TokenBucket::new(RateLimit { capacity: 3.0, per_second: 2.0 });
+        let start = bucket.updated;
+        assert!(bucket.is_full_at(start), "a new bucket");
+        assert!(bucket.take_at(start) && bucket.take_at(start));
+        assert!(!bucket.is_full_at(start + Duration::from_millis(900)));
+        assert!(bucket.is_full_at(start + Duration::from_secs(1)), "two tokens back at 2 a second");
     }
 }

@@ -3,10 +3,15 @@
 //!
 //! A command route's function reads the caller from the authorizer context
 //! and hands the frame to [`courier_core::dispatch::dispatch`], as the
-//! local gateway does; every `events/` file runs through here in the tests.
+//! local gateway does, after the same frame-size and rate checks; every
+//! `events/` file runs through here in the tests.
 
 mod connection;
 mod events;
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::Instant;
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -15,6 +20,7 @@ use courier_core::dispatch::{self, DEFAULT_ROUTE};
 use courier_core::domain::Caller;
 use courier_core::ids::{ConnectionId, DeviceId, UserId};
 use courier_core::protocol::ErrorCode;
+use courier_core::ratelimit::{RateLimit, TokenBucket};
 use serde_json::Value;
 
 pub use connection::{
@@ -30,6 +36,11 @@ pub const CONNECT: &str = "$connect";
 pub const DISCONNECT: &str = "$disconnect";
 pub const DEFAULT: &str = DEFAULT_ROUTE;
 
+/// The largest client frame that is processed: API Gateway's frame size,
+/// which the local gateway applies too. API Gateway itself passes messages
+/// of up to 128 KB, so the edge checks.
+pub const MAX_FRAME_BYTES: usize = 32 * 1024;
+
 /// Runs the event as its route's function would.
 pub async fn route(courier: &Courier, event: WsEvent) -> WsResponse {
     match event.request_context.route_key.as_deref().unwrap_or_default() {
@@ -41,9 +52,12 @@ pub async fn route(courier: &Courier, event: WsEvent) -> WsResponse {
 }
 
 /// A command route: the frame through the core's dispatch, as the caller
-/// the authorizer named.
+/// the authorizer named, unless [`refused`] first.
 pub async fn command(courier: &Courier, event: WsEvent) -> WsResponse {
     let frame = event.body.as_deref().unwrap_or_default();
+    if let Some(refusal) = refused(&event, frame) {
+        return reply(refusal);
+    }
     match caller(&event) {
         Some(caller) => match dispatch::dispatch(courier, &caller, frame).await {
             Some(answer) => reply(answer),
@@ -57,9 +71,65 @@ pub async fn command(courier: &Courier, event: WsEvent) -> WsResponse {
     }
 }
 
-/// `$default`: frames that name no known action.
+/// `$default`: frames that name no known action (they cost a token too).
 pub fn default(event: WsEvent) -> WsResponse {
-    reply(dispatch::unrouted(event.body.as_deref().unwrap_or_default()))
+    let frame = event.body.as_deref().unwrap_or_default();
+    reply(refused(&event, frame).unwrap_or_else(|| dispatch::unrouted(frame)))
+}
+
+/// The FAILURE for a frame refused before any work, as the local gateway
+/// words it: the connection's bucket is empty, or the frame is too large.
+fn refused(event: &WsEvent, frame: &str) -> Option<String> {
+    let connection = event.request_context.connection_id.as_deref().unwrap_or_default();
+    if !take_token(connection) {
+        Some(dispatch::refusal(frame, ErrorCode::RateLimited, "rate limit reached: slow down"))
+    } else if frame.len() > MAX_FRAME_BYTES {
+        let message = format!("a frame is at most {MAX_FRAME_BYTES} bytes");
+        Some(dispatch::refusal(frame, ErrorCode::LimitExceeded, &message))
+    } else {
+        None
+    }
+}
+
+/// Connections whose buckets one execution environment keeps at most
+/// (about 100 bytes each).
+const MAX_BUCKETS: usize = 10_000;
+
+/// The protocol's per-connection rate limit, at no database write per
+/// frame: a token bucket per connection id in the memory of this execution
+/// environment, which lives as long as the environment stays warm.
+///
+/// Its limits: each environment counts only the frames it sees. Each route
+/// is its own function, and a function runs in as many environments as its
+/// concurrency needs, so a connection whose frames spread over N
+/// environments gets up to N times the rate; a cold start begins with full
+/// buckets. API Gateway's stage and route throttling (template.yaml) bound
+/// the total. At [`MAX_BUCKETS`] connections the buckets that have refilled
+/// are forgotten (a new one is the same), and if too many are still in use,
+/// all are: a burst then gets a fresh bucket.
+static BUCKETS: LazyLock<Mutex<HashMap<String, TokenBucket>>> = LazyLock::new(Default::default);
+
+/// Takes a token from the connection's bucket, if it has one.
+fn take_token(connection: &str) -> bool {
+    take_from(&mut BUCKETS.lock().unwrap_or_else(PoisonError::into_inner), connection)
+}
+
+fn take_from(buckets: &mut HashMap<String, TokenBucket>, connection: &str) -> bool {
+    if let Some(bucket) = buckets.get_mut(connection) {
+        return bucket.take();
+    }
+    if buckets.len() >= MAX_BUCKETS {
+        let now = Instant::now();
+        buckets.retain(|_, bucket| !bucket.is_full_at(now));
+        // Half empty at least, so that the next sweep is many frames away.
+        if buckets.len() > MAX_BUCKETS / 2 {
+            buckets.clear();
+        }
+    }
+    let mut bucket = TokenBucket::new(RateLimit::default());
+    let taken = bucket.take();
+    buckets.insert(connection.to_owned(), bucket);
+    taken
 }
 
 /// Who sent the event, from the authorizer context and the connection id.
@@ -86,4 +156,36 @@ fn status(code: i64) -> WsResponse {
     let mut response = WsResponse::default();
     response.status_code = code;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buckets_stay_bounded_and_forget_full_ones_first() {
+        let mut buckets = HashMap::new();
+        let drained = |buckets: &mut HashMap<String, TokenBucket>, connection: &str| {
+            while take_from(buckets, connection) {}
+        };
+        // Every bucket is drained (and takes 2.5 s to refill): none can be forgotten for free.
+        drained(&mut buckets, "busy");
+        for i in 1..MAX_BUCKETS {
+            drained(&mut buckets, &format!("c{i}"));
+        }
+        assert_eq!(buckets.len(), MAX_BUCKETS);
+        assert!(take_from(&mut buckets, "new"));
+        assert_eq!(buckets.len(), 1, "all were cleared for the newcomer");
+        assert!(take_from(&mut buckets, "busy"), "a cleared connection starts over");
+
+        // Full buckets are forgotten before any in use.
+        buckets.clear();
+        drained(&mut buckets, "busy");
+        for i in 1..MAX_BUCKETS {
+            buckets.insert(format!("c{i}"), TokenBucket::new(RateLimit::default()));
+        }
+        assert!(take_from(&mut buckets, "new"));
+        assert_eq!(buckets.len(), 2, "the full buckets went");
+        assert!(buckets.contains_key("busy"), "the drained one is still counted");
+    }
 }
