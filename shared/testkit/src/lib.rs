@@ -6,13 +6,18 @@
 //! | [`contract`] | the table ports' contract suite, run against SQLite and DynamoDB |
 //! | [`moto`] | moto's server on a free port, shared by a test binary |
 //! | [`meter`] | counts what the AWS clients send, the way the bill counts it |
+//! | [`template`] | reads template.yaml as CloudFormation does |
 //! | [`client`] | a typed WebSocket client for the end-to-end tests and the bench |
 //! | [`FakeClock`] | a clock tests move by hand |
+//!
+//! The `courier-template` binary prints template.yaml as [`template`] reads
+//! it, for scripts/lambda-invoke-check.
 
 pub mod client;
 pub mod contract;
 pub mod meter;
 pub mod moto;
+pub mod template;
 
 pub use meter::{Meter, Usage};
 
