@@ -2,31 +2,29 @@
 
     provision  create what template.yaml declares (tables, queues, bucket) on
                moto, and write the environment the template gives the functions
-    connections  serve a stand-in @connections management API that records pushes
     run        invoke every function with its events/<function>.json through
                `cargo lambda invoke`, seeding what the fixed ids in the events
-               name, and check each answer; the functions reach moto through a
-               proxy that records each AWS call, and every call a function made
-               must be one that template.yaml grants that function
+               name, and check each answer; every AWS call a function made
+               (as courier-recorder logged it) must be one that template.yaml
+               grants that function
 
-Run by scripts/lambda-invoke-check with the venv's python (boto3 and PyYAML
-come with moto and cfn-lint). Standard library otherwise.
+template.yaml comes as the JSON the test kit's `courier-template` prints (the
+template tests' reader); the calls as the test kit's `courier-recorder` logs
+them, named as the cost tests' meter names them. Run by
+scripts/lambda-invoke-check with the venv's python (boto3 comes with moto).
+Standard library otherwise.
 """
 
 import argparse
 import fnmatch
-import http.client
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.parse
 import urllib.request
 
 import boto3
-import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "courier-check"
@@ -35,33 +33,9 @@ EVENTS_SECRET = "courier-events-secret"
 ATTACHMENT_BODY = b"courier attachment\n"
 
 
-# ------------------------------------------------------------------ template
-
-
-class CfnLoader(yaml.SafeLoader):
-    """YAML with CloudFormation's short forms read as long ones (!Ref X -> {"Ref": "X"})."""
-
-
-def _short_form(loader, suffix, node):
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    if suffix == "Ref":
-        return {"Ref": value}
-    if suffix == "GetAtt" and isinstance(value, str):
-        value = value.split(".", 1)
-    return {"Fn::" + suffix: value}
-
-
-CfnLoader.add_multi_constructor("!", _short_form)
-
-
-def template():
-    with open(os.path.join(ROOT, "template.yaml")) as f:
-        return yaml.load(f, Loader=CfnLoader)
+def template(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def client(service, endpoint):
@@ -78,7 +52,7 @@ def client(service, endpoint):
 
 
 def provision(args):
-    t = template()
+    t = template(args.template)
     resources = t["Resources"]
     ddb = client("dynamodb", args.endpoint)
     sqs = client("sqs", args.endpoint)
@@ -143,14 +117,14 @@ def provision(args):
             ref = value["Ref"]
             env[var] = names[ref] if ref in names else params[ref]
         elif var == "COURIER_CONNECTIONS_ENDPOINT":
-            env[var] = f"{args.connections}/{params['StageName']}"
+            env[var] = f"{args.recorder}/{params['StageName']}"
         elif var == "COURIER_JWT_SECRET":
             env[var] = EVENTS_SECRET
         else:
             sys.exit(f"provision: no local value for {var} = {value}")
     env["RUST_LOG"] = "info"
     env.update(
-        AWS_ENDPOINT_URL=args.functions_endpoint,
+        AWS_ENDPOINT_URL=args.recorder,
         AWS_REGION="us-east-1",
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ACCESS_KEY_ID="testing",
@@ -164,128 +138,43 @@ def provision(args):
     print(f"provisioned {len(names)} resources on {args.endpoint}")
 
 
-# ---------------------------------------------------------------- connections
-
-
-class Connections(http.server.BaseHTTPRequestHandler):
-    """API Gateway's @connections API, as far as PostToConnection and DeleteConnection go."""
-
-    log_path = None
-
-    def _record(self, status):
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length).decode() if length else ""
-        # The SDK percent-encodes the id (API Gateway's end in "=").
-        connection = urllib.parse.unquote(self.path.split("/@connections/", 1)[-1])
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps({"method": self.command, "connection": connection, "body": body}) + "\n")
-        self.send_response(status)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def do_POST(self):
-        self._record(200)
-
-    def do_DELETE(self):
-        self._record(204)
-
-    def log_message(self, *args):
-        pass
-
-
-def connections(args):
-    Connections.log_path = args.log
-    open(args.log, "w").close()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Connections)
-    server.serve_forever()
-
-
 # ------------------------------------------------------------ recorded calls
 
 
-class Calls:
-    """The AWS calls each function made, as IAM sees them: (action, resource)."""
-
-    def __init__(self, names):
-        self.lock = threading.Lock()
-        self.current = None  # the function being invoked; None while this script seeds
-        self.by_function = {}
-        # Physical names back to logical ids.
-        self.logical = {}
-        for logical, name in names.items():
-            self.logical[name] = logical
-            self.logical[name.rstrip("/").rsplit("/", 1)[-1]] = logical
-
-    def add(self, action, resource):
-        with self.lock:
-            if self.current is not None:
-                self.by_function.setdefault(self.current, set()).add((action, resource))
-
-    def table(self, name, index=None):
-        logical = self.logical.get(name, name)
-        return f"{logical}/index/{index}" if index else logical
-
-    def record(self, method, path, headers, body):
-        target = headers.get("x-amz-target", "")
-        if target.startswith("DynamoDB_"):
-            operation = target.split(".", 1)[1]
-            request = json.loads(body or b"{}")
-            if operation in ("BatchGetItem", "BatchWriteItem"):
-                for name in request.get("RequestItems", {}):
-                    self.add(f"dynamodb:{operation}", self.table(name))
-            elif operation in ("TransactWriteItems", "TransactGetItems"):
-                # Authorized per item, as the item's own action.
-                item_action = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
-                               "ConditionCheck": "ConditionCheckItem", "Get": "GetItem"}
-                for item in request.get("TransactItems", []):
-                    for kind, spec in item.items():
-                        self.add(f"dynamodb:{item_action[kind]}", self.table(spec["TableName"]))
-            else:
-                self.add(f"dynamodb:{operation}", self.table(request["TableName"], request.get("IndexName")))
-        elif target.startswith("AmazonSQS."):
-            request = json.loads(body or b"{}")
-            self.add(f"sqs:{target.split('.', 1)[1]}", self.logical.get(request.get("QueueUrl"), "?"))
-        else:
-            # S3, path-style: /bucket/key. HeadObject is authorized as s3:GetObject.
-            bucket, _, key = urllib.parse.urlparse(path).path.lstrip("/").partition("/")
-            action = {"HEAD": "GetObject", "GET": "GetObject" if key else "ListBucket",
-                      "PUT": "PutObject", "DELETE": "DeleteObject"}.get(method, method)
-            resource = self.logical.get(bucket, bucket) + (f"/{urllib.parse.unquote(key)}" if key else "")
-            self.add(f"s3:{action}", resource)
+def recorded(path):
+    """The AWS calls courier-recorder logged: {request, method, path, body}, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-class Proxy(http.server.BaseHTTPRequestHandler):
-    """Forwards the functions' AWS requests to moto, recording each."""
+# Transactions are authorized per item, as the item's own action.
+ITEM_ACTIONS = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
+                "ConditionCheck": "ConditionCheckItem", "Get": "GetItem"}
 
-    protocol_version = "HTTP/1.1"
-    upstream = None  # (host, port)
-    calls = None
 
-    def _forward(self):
-        length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        self.calls.record(self.command, self.path, headers, body)
-        upstream = http.client.HTTPConnection(*self.upstream, timeout=60)
-        upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-        response = upstream.getresponse()
-        payload = response.read()
-        self.send_response(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(name, value)
-        declared = response.getheader("content-length")
-        length = declared if self.command == "HEAD" and declared else str(len(payload))
-        self.send_header("content-length", length)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-        upstream.close()
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-    def log_message(self, *args):
-        pass
+def authorized_as(call, logical):
+    """What IAM authorizes a recorded call as: [(action, resource)], resources by logical id."""
+    service, operation = call["request"].split(".", 1)
+    if service == "ApiGatewayManagementApi":
+        return [("execute-api:ManageConnections", f"@connections/{call['method']}")]
+    if service == "S3":
+        # Path-style: /bucket/key. HeadObject is authorized as s3:GetObject.
+        bucket, _, key = urllib.parse.urlparse(call["path"]).path.lstrip("/").partition("/")
+        action = "GetObject" if operation == "HeadObject" else operation
+        return [(f"s3:{action}", logical(bucket) + (f"/{urllib.parse.unquote(key)}" if key else ""))]
+    request = json.loads(call["body"] or "{}")
+    if service == "SQS":
+        return [(f"sqs:{operation}", logical(request.get("QueueUrl", "?")))]
+    if service != "DynamoDB":
+        return [(call["request"], "?")]
+    if operation in ("BatchGetItem", "BatchWriteItem"):
+        return [(f"dynamodb:{operation}", logical(name)) for name in request.get("RequestItems", {})]
+    if operation in ("TransactWriteItems", "TransactGetItems"):
+        return [(f"dynamodb:{ITEM_ACTIONS[kind]}", logical(spec["TableName"]))
+                for item in request.get("TransactItems", []) for kind, spec in item.items()]
+    table = logical(request["TableName"])
+    index = request.get("IndexName")
+    return [(f"dynamodb:{operation}", f"{table}/index/{index}" if index else table)]
 
 
 def granted(t):
@@ -337,12 +226,13 @@ class Check:
         self.s3 = client("s3", args.endpoint)
         self.invoked = set()
         self.failures = []
-        self.calls = Calls(self.names)
-        Proxy.calls = self.calls
-        upstream = urllib.parse.urlparse(args.endpoint)
-        Proxy.upstream = (upstream.hostname, upstream.port)
-        proxy = http.server.ThreadingHTTPServer(("127.0.0.1", args.proxy_port), Proxy)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        # What each function's calls are authorized as: {binary: {(action, resource)}}.
+        self.calls = {}
+        # Physical names back to logical ids.
+        self.logical = {}
+        for logical, name in self.names.items():
+            self.logical[name] = logical
+            self.logical[name.rstrip("/").rsplit("/", 1)[-1]] = logical
 
     def event(self, name):
         return event(name)
@@ -353,17 +243,16 @@ class Check:
             "--invoke-address", "127.0.0.1", "--invoke-port", str(self.args.invoke_port),
             "--data-file", data_file, "--output-format", "json",
         ]
-        self.calls.current = function
-        pushed = len(self.pushes())
+        before = len(recorded(self.args.calls))
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{function} did not answer within 300 s") from None
         finally:
-            # Its pushes and closes went to the @connections stand-in.
-            for push in self.pushes()[pushed:]:
-                self.calls.add("execute-api:ManageConnections", f"@connections/{push['method']}")
-            self.calls.current = None
+            # The recorder logs a call before answering it: the function's are all in.
+            pairs = self.calls.setdefault(function, set())
+            for call in recorded(self.args.calls)[before:]:
+                pairs.update(authorized_as(call, lambda name: self.logical.get(name, name)))
         if done.returncode != 0:
             raise AssertionError(f"cargo lambda invoke {function} failed: {done.stderr.strip() or done.stdout.strip()}")
         return json.loads(done.stdout)
@@ -391,8 +280,13 @@ class Check:
         return self.invoke(name, path)
 
     def pushes(self):
-        with open(self.args.push_log) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """The calls to the @connections API: {method (POST or DELETE), connection, body}."""
+        return [
+            # The SDK percent-encodes the id (API Gateway's end in "=").
+            {**call, "connection": urllib.parse.unquote(call["path"].split("/@connections/", 1)[1])}
+            for call in recorded(self.args.calls)
+            if call["request"].startswith("ApiGatewayManagementApi.")
+        ]
 
     def copy_item(self, table, key_name, old, new):
         name = self.names[table]
@@ -497,7 +391,7 @@ def run(args):
     c.call("list-chats", success("list-chats", listed))
 
     def upload(data):
-        assert data["uploadUrl"].startswith(f"http://127.0.0.1:{args.proxy_port}/"), data
+        assert data["uploadUrl"].startswith(f"{args.recorder}/"), data
         request = urllib.request.Request(data["uploadUrl"], data=ATTACHMENT_BODY, method="PUT")
         for header, value in data["uploadHeaders"].items():
             request.add_header(header, value)
@@ -556,8 +450,8 @@ def run(args):
     c.call("disconnect", status(200))
 
     # Every AWS call a function made must be one the template grants it.
-    grants = granted(template())
-    for binary, calls in sorted(c.calls.by_function.items()):
+    grants = granted(template(args.template))
+    for binary, calls in sorted(c.calls.items()):
         allowed = grants.get(function_of(binary), set())
         denied = sorted(
             (action, resource)
@@ -570,7 +464,7 @@ def run(args):
         elif args.verbose:
             print(f"calls {binary}: {sorted(calls)}")
     if not any(f.endswith(" grants") for f in c.failures):
-        print(f"ok    grants: template.yaml grants each of {len(c.calls.by_function)} functions every AWS call it made")
+        print(f"ok    grants: template.yaml grants each of {len(c.calls)} functions every AWS call it made")
 
     every = {name[: -len(".json")] for name in os.listdir(os.path.join(ROOT, "events")) if name.endswith(".json")}
     if c.invoked != every:
@@ -585,24 +479,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("provision")
+    p.add_argument("--template", required=True, help="template.yaml as courier-template prints it")
     p.add_argument("--endpoint", required=True)
-    p.add_argument("--functions-endpoint", required=True, help="where the functions reach moto (the proxy)")
-    p.add_argument("--connections", required=True)
+    p.add_argument("--recorder", required=True, help="courier-recorder: the functions' AWS and @connections endpoint")
     p.add_argument("--env-file", required=True)
     p.add_argument("--names-file", required=True)
-    p = sub.add_parser("connections")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--log", required=True)
     p = sub.add_parser("run")
+    p.add_argument("--template", required=True, help="template.yaml as courier-template prints it")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--names-file", required=True)
-    p.add_argument("--push-log", required=True)
+    p.add_argument("--recorder", required=True)
+    p.add_argument("--calls", required=True, help="courier-recorder's log")
     p.add_argument("--invoke-port", type=int, required=True)
-    p.add_argument("--proxy-port", type=int, required=True)
     p.add_argument("--verbose", action="store_true", help="print each function's AWS calls")
     p.add_argument("--work", required=True)
     args = parser.parse_args()
-    {"provision": provision, "connections": connections, "run": run}[args.command](args)
+    {"provision": provision, "run": run}[args.command](args)
 
 
 if __name__ == "__main__":

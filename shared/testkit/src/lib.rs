@@ -5,13 +5,14 @@
 //! |---|---|
 //! | [`contract`] | the table ports' contract suite, run against SQLite and DynamoDB |
 //! | [`moto`] | moto's server on a free port, shared by a test binary |
-//! | [`meter`] | counts what the AWS clients send, the way the bill counts it |
+//! | [`meter`] | counts what the AWS clients send, the way the bill counts it, and names each request |
 //! | [`template`] | reads template.yaml as CloudFormation does |
 //! | [`client`] | a typed WebSocket client for the end-to-end tests and the bench |
 //! | [`FakeClock`] | a clock tests move by hand |
 //!
-//! The `courier-template` binary prints template.yaml as [`template`] reads
-//! it, for scripts/lambda-invoke-check.
+//! Two binaries serve scripts/lambda-invoke-check: `courier-template` prints
+//! template.yaml as [`template`] reads it, and `courier-recorder` records the
+//! Lambda processes' AWS requests by [`meter::request_name`].
 
 pub mod client;
 pub mod contract;

@@ -1,5 +1,9 @@
 //! [`Meter`]: an interceptor that counts what the AWS clients send, the way
-//! the bill counts it. Attach one to every client with [`super::Aws::with_meter`].
+//! the bill counts it. Attach one to every client with `courier_aws::Aws::watched`.
+//!
+//! Requests are named `Service.Operation` by [`request_name`], from the wire
+//! alone, so that `courier-recorder` (which sees only the wire of the Lambda
+//! processes in scripts/lambda-invoke-check) names them as the meter does.
 //!
 //! - DynamoDB: requests per operation, and read and write request units per
 //!   table. Units are computed here from item sizes, by DynamoDB's rules,
@@ -182,9 +186,66 @@ impl Meter {
     }
 }
 
-/// The request body, kept from before transmit (the request itself is gone by the answer).
+/// A request's name, `Service.Operation` as the SDK names it
+/// (`DynamoDB.PutItem`, `SQS.SendMessage`, `S3.HeadObject`,
+/// `ApiGatewayManagementApi.PostToConnection`), from its method, path (with
+/// the query) and `X-Amz-Target` header. S3 requests are path-style, as
+/// courier_aws makes them; one this does not know is `S3.Unknown`. The meter
+/// checks each name against the SDK's.
+pub fn request_name(method: &str, path: &str, target: Option<&str>) -> String {
+    // The JSON protocols name the operation in X-Amz-Target: `DynamoDB_20120810.PutItem`.
+    if let Some((prefix, operation)) = target.and_then(|t| t.split_once('.')) {
+        let service = match prefix {
+            "DynamoDB_20120810" => "DynamoDB",
+            "AmazonSQS" => "SQS",
+            other => other,
+        };
+        return format!("{service}.{operation}");
+    }
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    if path.contains("/@connections/") {
+        let operation = match method {
+            "POST" => "PostToConnection",
+            "GET" => "GetConnection",
+            "DELETE" => "DeleteConnection",
+            _ => "Unknown",
+        };
+        return format!("ApiGatewayManagementApi.{operation}");
+    }
+    // The rest is S3's REST API on /bucket or /bucket/key. An object request
+    // naming a subresource in its query is another operation (a multipart
+    // upload's, an ACL's...); other query parameters (a presigned URL's
+    // signature, the SDK's `x-id`, `response-*` overrides) leave it alone.
+    let object = path.trim_start_matches('/').split_once('/').is_some_and(|(_, key)| !key.is_empty());
+    let subresource = query.split('&').map(|p| p.split('=').next().unwrap_or_default()).any(|k| {
+        let multipart = matches!(k, "uploads" | "uploadId");
+        multipart || matches!(k, "acl" | "attributes" | "legal-hold" | "restore" | "retention" | "tagging")
+    });
+    let operation = match (method, object) {
+        (_, true) if subresource => "Unknown",
+        ("HEAD", true) => "HeadObject",
+        ("GET", true) => "GetObject",
+        ("PUT", true) => "PutObject",
+        ("DELETE", true) => "DeleteObject",
+        ("PUT", false) if query.is_empty() => "CreateBucket",
+        _ => "Unknown",
+    };
+    format!("S3.{operation}")
+}
+
+/// `http://host:port/p?q` -> `/p?q`.
+fn path_of(uri: &str) -> &str {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    rest.find('/').map_or("/", |i| &rest[i..])
+}
+
+/// What the answer is recorded with, kept from before transmit (the request
+/// itself is gone by the answer): the request's name and body.
 #[derive(Clone, Debug)]
-struct Sent(Option<Vec<u8>>);
+struct Sent {
+    name: String,
+    body: Option<Vec<u8>>,
+}
 
 impl Storable for Sent {
     type Storer = StoreReplace<Self>;
@@ -201,8 +262,11 @@ impl Intercept for Meter {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let body = context.request().body().bytes().map(<[u8]>::to_vec);
-        cfg.interceptor_state().store_put(Sent(body));
+        let request = context.request();
+        let name =
+            request_name(request.method(), path_of(request.uri()), request.headers().get("x-amz-target"));
+        let body = request.body().bytes().map(<[u8]>::to_vec);
+        cfg.interceptor_state().store_put(Sent { name, body });
         Ok(())
     }
 
@@ -212,14 +276,20 @@ impl Intercept for Meter {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let Some(metadata) = cfg.load::<Metadata>() else { return Ok(()) };
-        let sent = cfg.load::<Sent>().and_then(|s| s.0.as_deref()).unwrap_or_default();
+        let (Some(metadata), Some(sent)) = (cfg.load::<Metadata>(), cfg.load::<Sent>()) else {
+            return Ok(());
+        };
+        // courier-recorder has only the wire to name requests by: every
+        // metered test checks that the wire gives the SDK's names.
+        let sdk = format!("{}.{}", metadata.service(), metadata.name());
+        assert_eq!(sent.name, sdk, "meter::request_name misnames {sdk}");
+        let (service, operation) = sdk.split_once('.').unwrap_or_default();
         let response = context.response();
         let answer = Answer {
             ok: response.status().as_u16() < 400,
             body: response.body().bytes().unwrap_or_default(),
         };
-        self.lock().record(metadata.service(), metadata.name(), sent, &answer);
+        self.lock().record(service, operation, sent.body.as_deref().unwrap_or_default(), &answer);
         Ok(())
     }
 }
@@ -770,6 +840,26 @@ mod tests {
         state.record("DynamoDB", "BatchGetItem", get.to_string().as_bytes(), &answer(&got.to_string()));
         assert_eq!(state.usage.read_units["Inbox"], 2.0 + 3.0, "one unit per key, found or not");
         assert_eq!(state.usage.unsized_items, 0, "the projected rows were sized by the query");
+    }
+
+    #[test]
+    fn requests_are_named_from_the_wire() {
+        let name = |method, path, target| request_name(method, path, target);
+        assert_eq!(name("POST", "/", Some("DynamoDB_20120810.PutItem")), "DynamoDB.PutItem");
+        assert_eq!(name("POST", "/", Some("AmazonSQS.SendMessage")), "SQS.SendMessage");
+        let connection = "/check/@connections/Ab%3D";
+        assert_eq!(name("POST", connection, None), "ApiGatewayManagementApi.PostToConnection");
+        assert_eq!(name("DELETE", connection, None), "ApiGatewayManagementApi.DeleteConnection");
+        assert_eq!(name("HEAD", "/media/a/b", None), "S3.HeadObject");
+        assert_eq!(name("PUT", "/media/a?X-Amz-Signature=f&X-Amz-Expires=900", None), "S3.PutObject");
+        let download = "/media/a?x-id=GetObject&response-content-disposition=attachment&X-Amz-Expires=900";
+        assert_eq!(name("GET", download, None), "S3.GetObject");
+        assert_eq!(name("PUT", "/media/a?partNumber=1&uploadId=u", None), "S3.Unknown");
+        assert_eq!(name("PUT", "/media", None), "S3.CreateBucket");
+        assert_eq!(name("PUT", "/media?cors", None), "S3.Unknown");
+        assert_eq!(name("GET", "/media?list-type=2", None), "S3.Unknown");
+        assert_eq!(path_of("http://127.0.0.1:5000/media/a?x=1"), "/media/a?x=1");
+        assert_eq!(path_of("http://127.0.0.1:5000"), "/");
     }
 
     #[test]

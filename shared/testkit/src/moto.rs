@@ -3,17 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_dynamodb::config::{
-    ConfigBag, Credentials, Intercept, Region, RuntimeComponents, SharedCredentialsProvider,
-};
-use aws_sdk_dynamodb::error::BoxError;
+use aws_sdk_dynamodb::config::{Credentials, Region, SharedCredentialsProvider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use courier_aws::{Names, schema};
+
+use crate::Meter;
 
 /// How long moto may take to answer its first request (it imports a lot of Python).
 const STARTUP: Duration = Duration::from_secs(60);
@@ -121,10 +118,10 @@ impl MotoServer {
 
     /// A DynamoDB client that counts the requests it sends, by operation.
     pub fn counted_dynamodb(&self) -> (aws_sdk_dynamodb::Client, Calls) {
-        let calls = Calls::default();
+        let meter = Meter::new();
         let config =
-            aws_sdk_dynamodb::config::Builder::from(&self.sdk_config()).interceptor(calls.clone()).build();
-        (aws_sdk_dynamodb::Client::from_conf(config), calls)
+            aws_sdk_dynamodb::config::Builder::from(&self.sdk_config()).interceptor(meter.clone()).build();
+        (aws_sdk_dynamodb::Client::from_conf(config), Calls(meter))
     }
 
     /// Creates every table under `prefix` and returns their names.
@@ -152,32 +149,13 @@ pub async fn shared() -> &'static MotoServer {
     SHARED.get_or_init(MotoServer::start).await
 }
 
-/// Requests sent, by DynamoDB operation (each SDK attempt counts).
+/// The DynamoDB requests a [`Meter`] counted, by operation (`PutItem`...).
 #[derive(Clone, Debug, Default)]
-pub struct Calls(Arc<Mutex<BTreeMap<String, usize>>>);
+pub struct Calls(Meter);
 
 impl Calls {
     /// The counts so far, resetting them.
     pub fn take(&self) -> BTreeMap<String, usize> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-impl Intercept for Calls {
-    fn name(&self) -> &'static str {
-        "Calls"
-    }
-
-    fn read_before_transmit(
-        &self,
-        context: &BeforeTransmitInterceptorContextRef<'_>,
-        _components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        // The JSON protocol names the operation in X-Amz-Target: `DynamoDB_20120810.PutItem`.
-        let target = context.request().headers().get("x-amz-target").unwrap_or("unknown");
-        let operation = target.rsplit('.').next().unwrap_or(target).to_owned();
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(operation).or_default() += 1;
-        Ok(())
+        self.0.take().requests_to("DynamoDB").into_iter().map(|(op, n)| (op, n as usize)).collect()
     }
 }
