@@ -267,7 +267,7 @@ async fn create_chat_makes_the_chat_and_tells_its_participants() {
     w.connect("bob", "laptop", "bob-laptop").await;
     let data = success("create-chat", &lambda::command(&w.courier, event("create-chat")).await);
     assert!(is_ulid(&data["chatId"]), "{data}");
-    let chats = w.courier.ports().chats.chats_of(&user("bob")).await.unwrap();
+    let chats = w.courier.ports().chats.chats_of(&user("bob"), None, 100).await.unwrap();
     assert_eq!(chats.len(), 1);
     assert_eq!(chats[0].id.as_str(), data["chatId"].as_str().unwrap());
     assert_eq!(chats[0].participants(), [user("alice"), user("bob")]);

@@ -105,6 +105,11 @@ impl Server {
         self.connections.of_device(user, device).map(String::from)
     }
 
+    /// The server's live connections, as its pushes and the management API see them.
+    pub fn connections(&self) -> &Arc<courier_local::Connections> {
+        &self.connections
+    }
+
     /// Stops the server the way Ctrl-C does and waits for it to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -185,7 +190,13 @@ pub struct Process {
 impl Process {
     /// Starts the binary on a free port with its data in `data_dir`.
     pub async fn start(data_dir: &Path) -> Process {
+        Self::start_env(data_dir, &[]).await
+    }
+
+    /// [`Process::start`] with extra environment (settings of courier-local).
+    pub async fn start_env(data_dir: &Path, env: &[(&str, &str)]) -> Process {
         let mut command = tokio::process::Command::new(binary());
+        command.envs(env.iter().copied());
         if on_aws() {
             // The same data dir means the same tables: a restart finds what the first run wrote.
             let prefix = format!("proc{:016x}", {
@@ -316,4 +327,73 @@ pub async fn next_of_type(client: &mut Client, ty: &str, wait: Duration) -> Opti
             return Some(frame);
         }
     }
+}
+
+/// Headers that sign a management API request with AWS Signature Version 4
+/// (service `execute-api`, region us-east-1) by `key` (id, secret) as of
+/// `at`, signing `host` and `x-amz-date` as [`http::request`] sends them.
+/// Written apart from courier-local's verifier, so that each checks the other.
+pub fn sigv4_headers(
+    method: &str,
+    url: &str,
+    body: &[u8],
+    key: (&str, &str),
+    at: std::time::SystemTime,
+) -> Vec<(&'static str, String)> {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+    assert!(!path.contains('?'), "the management API takes no query");
+    // Every byte but the unreserved ones and '/', so '%' too: the path is encoded once more.
+    let path: String = path
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let amz_date = amz_date(at);
+    let scope = format!("{}/us-east-1/execute-api/aws4_request", &amz_date[..8]);
+    let canonical = format!(
+        "{method}\n{path}\n\nhost:{host}\nx-amz-date:{amz_date}\n\nhost;x-amz-date\n{}",
+        sha256_hex(body)
+    );
+    let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", sha256_hex(canonical.as_bytes()));
+    let mut signing_key = format!("AWS4{}", key.1).into_bytes();
+    for part in [&amz_date[..8], "us-east-1", "execute-api", "aws4_request"] {
+        signing_key = hmac_sha256(&signing_key, part.as_bytes());
+    }
+    let signature = hex::encode(hmac_sha256(&signing_key, to_sign.as_bytes()));
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-date, Signature={signature}",
+        key.0
+    );
+    vec![("X-Amz-Date", amz_date), ("Authorization", authorization)]
+}
+
+/// HMAC-SHA256 (RFC 2104); every key here is shorter than SHA-256's 64-byte block.
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    assert!(key.len() <= 64);
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let pad = |with: u8| block.map(|b| b ^ with);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(data).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner.as_slice()).finalize().to_vec()
+}
+
+/// `20150830T123600Z`: the UTC time SigV4 signs with.
+fn amz_date(at: std::time::SystemTime) -> String {
+    let secs = at.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant).
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }

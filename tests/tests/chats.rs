@@ -373,6 +373,81 @@ async fn list_chats_shows_the_callers_current_chats_oldest_first() {
     assert_eq!(ids, vec![first, third]);
 }
 
+/// The chat ids of one listChats page, and its cursor.
+async fn page(client: &Client, limit: Option<u32>, cursor: Option<&str>) -> (Vec<String>, Option<String>) {
+    let mut fields = json!({});
+    if let Some(limit) = limit {
+        fields["limit"] = json!(limit);
+    }
+    if let Some(cursor) = cursor {
+        fields["cursor"] = json!(cursor);
+    }
+    let data: Value = client.call("listChats", fields).await.unwrap();
+    let ids =
+        data["chats"].as_array().unwrap().iter().map(|c| c["chatId"].as_str().unwrap().to_owned()).collect();
+    (ids, data["cursor"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn list_chats_comes_in_pages_that_a_cursor_continues() {
+    let server = Server::start().await;
+    let alice = server.connect("alice", "phone").await;
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(alice.create_chat(&["bob"], &format!("c{i}")).await.unwrap());
+    }
+    let (first, cursor) = page(&alice, Some(2), None).await;
+    assert_eq!(first, made[..2]);
+    let cursor = cursor.expect("more to come");
+    // A chat made now sorts after every page already read: it shows up at the end, once.
+    made.push(alice.create_chat(&["carol"], "late").await.unwrap());
+    let (second, cursor) = page(&alice, Some(2), Some(&cursor)).await;
+    assert_eq!(second, made[2..4]);
+    let (rest, end) = page(&alice, Some(100), cursor.as_deref()).await;
+    assert_eq!(rest, made[4..]);
+    assert_eq!(end, None, "the end of the list");
+
+    let (all, end) = page(&alice, None, None).await;
+    assert_eq!((all.len(), end), (6, None), "no limit: up to 50");
+    let refused = alice.call::<Value>("listChats", json!({ "limit": 101 })).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::LimitExceeded));
+    let refused = alice.call::<Value>("listChats", json!({ "cursor": "not a cursor" })).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::BadRequest));
+    let listed: Value = alice.call("listChats", json!({})).await.unwrap();
+    assert_eq!(listed["chats"][0]["encrypted"], false);
+}
+
+#[tokio::test]
+async fn a_user_put_in_many_full_chats_still_gets_every_chat_in_frames_under_100_kib() {
+    // Anyone may add anyone: a stranger puts the victim in 24 chats of 100
+    // members with the longest ids. One answer of them all would be ~164 KB,
+    // past what API Gateway delivers.
+    let server = Server::start_with(|c| c.rate_limit.capacity = 1000.0).await;
+    let victim = "v".repeat(64);
+    let stranger = server.connect(&"s".repeat(64), "phone").await;
+    let members: Vec<String> = (0..98).map(|i| format!("{i:0>64}")).collect();
+    let mut refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    refs.push(&victim);
+    for i in 0..24 {
+        stranger.create_chat(&refs, &format!("{}{i:03}", "n".repeat(125))).await.unwrap();
+    }
+    let victim = server.connect(&victim, "phone").await;
+    let (mut seen, mut cursor, mut pages) = (0, None, 0);
+    loop {
+        let frame = victim.request("listChats", json!({ "cursor": cursor })).await.unwrap();
+        assert!(frame.to_string().len() < 100 * 1024, "page {pages} is {} bytes", frame.to_string().len());
+        let data = &frame["data"];
+        seen += data["chats"].as_array().unwrap().len();
+        pages += 1;
+        cursor = data["cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, 24, "every chat, over {pages} pages");
+    assert!(pages > 1);
+}
+
 #[tokio::test]
 async fn participants_leaving_at_once_all_succeed() {
     let server = Server::start().await;

@@ -127,7 +127,7 @@ async fn the_request_id_and_action_are_echoed() {
     assert_eq!(
         frame,
         json!({ "type": "response", "action": "listChats", "requestId": "r-42", "status": "SUCCESS",
-                "data": { "chats": [] } })
+                "data": { "chats": [], "cursor": null } })
     );
     let frame = answer(&mut alice, r#"{"action":"listChats"}"#).await;
     assert!(frame.get("requestId").is_none(), "no requestId sent, none echoed: {frame}");

@@ -79,7 +79,7 @@ async fn requests_per_operation() {
     renamed.add(UserId::try_from("c").unwrap(), now, &Default::default()).unwrap();
     t.update_chat(&renamed, 0).await.unwrap();
     assert_eq!(calls.take(), expect(&[("BatchWriteItem", 1), ("PutItem", 1)]));
-    t.chats_of(&b).await.unwrap();
+    t.chats_of(&b, None, 100).await.unwrap();
     assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("Query", 1)]));
 
     let two = [InboxKey::Device(b.clone(), phone.clone()), InboxKey::Device(b.clone(), laptop.clone())];
@@ -226,8 +226,8 @@ async fn dynamodb_specifics() {
         .send()
         .await
         .unwrap();
-    assert!(t.chats_of(&b).await.unwrap().is_empty());
-    assert_eq!(t.chats_of(&a).await.unwrap(), vec![group]);
+    assert!(t.chats_of(&b, None, 100).await.unwrap().is_empty());
+    assert_eq!(t.chats_of(&a, None, 100).await.unwrap(), vec![group]);
 }
 
 /// Tells the client that every request of its next `left` batch calls

@@ -38,7 +38,7 @@ pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option
         Command::ModifyChatParticipants(c) => {
             answer(to_value(courier.modify_chat_participants(caller, c).await))
         }
-        Command::ListChats(_) => answer(to_value(courier.list_chats(caller).await)),
+        Command::ListChats(c) => answer(to_value(courier.list_chats(caller, c).await)),
         Command::Sync(c) => answer(to_value(courier.sync(caller, c).await)),
         Command::Ack(c) => answer(to_value(courier.ack(caller, c).await)),
         Command::RemoveDevice(c) => match courier.remove_device(caller, &c.device_id).await {

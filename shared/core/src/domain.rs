@@ -22,10 +22,11 @@ pub struct Limits {
     pub max_attachment_bytes: u64,
     pub max_chat_name_chars: usize,
     pub max_ack_ids: usize,
-    pub max_sync_limit: u32,
-    pub default_sync_limit: u32,
-    /// A sync response stays under this many bytes (API Gateway allows 128 KB).
-    pub max_sync_bytes: usize,
+    /// The largest and the default `limit` of a paged answer (sync, listChats).
+    pub max_page_limit: u32,
+    pub default_page_limit: u32,
+    /// A paged answer stays under this many bytes (API Gateway allows 128 KB).
+    pub max_page_bytes: usize,
     pub retention_ms: Millis,
     pub device_expiry_ms: Millis,
     pub url_ttl_ms: Millis,
@@ -43,9 +44,9 @@ impl Default for Limits {
             max_attachment_bytes: 100 * 1024 * 1024,
             max_chat_name_chars: 128,
             max_ack_ids: 100,
-            max_sync_limit: 100,
-            default_sync_limit: 50,
-            max_sync_bytes: 100 * 1024 - 512,
+            max_page_limit: 100,
+            default_page_limit: 50,
+            max_page_bytes: 100 * 1024 - 512,
             retention_ms: 30 * DAY_MS,
             device_expiry_ms: 30 * DAY_MS,
             url_ttl_ms: 15 * 60 * 1000,
@@ -126,6 +127,8 @@ impl Chat {
             name: self.name.clone(),
             participants: self.participants(),
             admins: self.admins.clone(),
+            // No chat is encrypted until encrypted chats exist (protocol version 2).
+            encrypted: false,
         }
     }
 

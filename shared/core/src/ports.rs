@@ -21,7 +21,8 @@ pub trait ChatStore: Send + Sync {
     /// Writes `chat` if the stored version is still `expected_version`;
     /// `false` means somebody else changed it first.
     async fn update_chat(&self, chat: &Chat, expected_version: u64) -> Result<bool>;
-    async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>>;
+    /// The user's chats in chatId order, after `after` (exclusive), at most `limit`.
+    async fn chats_of(&self, user: &UserId, after: Option<&ChatId>, limit: usize) -> Result<Vec<Chat>>;
 }
 
 /// What `DeviceStore::connect` did.

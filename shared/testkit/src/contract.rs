@@ -58,6 +58,7 @@ impl Names {
 /// Runs every check.
 pub async fn all(t: &Tables) {
     chats(t).await;
+    chat_pages(t).await;
     devices(t).await;
     device_limit_and_expiry(t).await;
     messages(t).await;
@@ -98,9 +99,46 @@ pub async fn chats(t: &Tables) {
     assert_eq!(stored.admins, vec![b.clone()], "b inherited admin");
 
     let ids = |chats: Vec<Chat>| chats.into_iter().map(|c| c.id).collect::<Vec<_>>();
-    assert_eq!(ids(t.chats.chats_of(&a).await.unwrap()), Vec::<ChatId>::new(), "a left");
-    assert_eq!(ids(t.chats.chats_of(&b).await.unwrap()), vec![chat.id.clone()]);
-    assert_eq!(ids(t.chats.chats_of(&c).await.unwrap()), vec![chat.id.clone()]);
+    assert_eq!(ids(t.chats.chats_of(&a, None, 10).await.unwrap()), Vec::<ChatId>::new(), "a left");
+    assert_eq!(ids(t.chats.chats_of(&b, None, 10).await.unwrap()), vec![chat.id.clone()]);
+    assert_eq!(ids(t.chats.chats_of(&c, None, 10).await.unwrap()), vec![chat.id.clone()]);
+}
+
+/// A user's chats come in pages, in chatId order, each after the last id of
+/// the one before; chats left are skipped without shortening a page.
+pub async fn chat_pages(t: &Tables) {
+    let n = Names::new();
+    let (u, v) = (n.user("u"), n.user("v"));
+    let mut made = Vec::new();
+    for _ in 0..7 {
+        let chat = chat_of(n.chat(), &[&v, &u]);
+        t.chats.create_chat(&chat).await.unwrap();
+        made.push(chat);
+    }
+    // u leaves the second and the fifth.
+    for i in [1, 4] {
+        let mut left = made[i].clone();
+        left.remove(&u);
+        assert!(t.chats.update_chat(&left, 0).await.unwrap());
+    }
+    let expected: Vec<ChatId> =
+        made.iter().enumerate().filter(|(i, _)| ![1, 4].contains(i)).map(|(_, c)| c.id.clone()).collect();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = t.chats.chats_of(&u, after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2, "a page holds at most the limit");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        let full = page.len() == 2;
+        seen.extend(page.into_iter().map(|c| c.id));
+        if !full {
+            break;
+        }
+    }
+    assert_eq!(seen, expected, "every chat of u once, in chatId order, none that u left");
+    assert_eq!(t.chats.chats_of(&v, None, 100).await.unwrap().len(), 7);
+    assert!(t.chats.chats_of(&u, Some(&made[6].id), 5).await.unwrap().is_empty(), "after the last, nothing");
 }
 
 pub async fn devices(t: &Tables) {

@@ -7,7 +7,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use super::batch::{delete_request, put_request};
 use super::rows::{ChatRow, ParticipantRow, from_item, to_item};
-use super::{DynamoTables, Item, condition_failed, key, s, unique};
+use super::{DynamoTables, condition_failed, key, s, unique};
 use crate::sdk_error;
 use courier_core::domain::Chat;
 use courier_core::error::{Error, Result};
@@ -82,34 +82,48 @@ impl ChatStore for DynamoTables {
         Ok(true)
     }
 
-    async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>> {
+    async fn chats_of(&self, user: &UserId, after: Option<&ChatId>, limit: usize) -> Result<Vec<Chat>> {
         // A global index reads eventually consistent: a chat just joined may
-        // show a moment late; one just left is filtered out below.
-        let keys: Vec<Item> = self
-            .client
-            .query()
-            .table_name(&self.names.participants_table)
-            .index_name("byUser")
-            .key_condition_expression("userId = :u")
-            .expression_attribute_values(":u", s(user.as_str()))
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
-            .await
-            .map_err(sdk_error)?;
-        let chat_keys = keys
-            .into_iter()
-            .filter_map(|mut k| k.remove("chatId"))
-            .map(|id| HashMap::from([("chatId".to_owned(), id)]))
-            .collect();
-        let items = self.get_batches(&self.names.chats_table, chat_keys, None).await?;
-        let mut chats = items
-            .into_iter()
-            .map(|i| from_item::<ChatRow>(i).map(Chat::from))
-            .filter(|c| c.as_ref().map_or(true, |c| c.is_member(user)))
-            .collect::<Result<Vec<_>>>()?;
-        chats.sort_by(|a, b| a.id.cmp(&b.id));
+        // show a moment late; one just left is filtered out below, and the
+        // query reads on until the page is full or the index ends.
+        let mut chats = Vec::with_capacity(limit.min(100));
+        let mut start = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.names.participants_table)
+                .index_name("byUser")
+                .expression_attribute_values(":u", s(user.as_str()))
+                .limit(i32::try_from(limit - chats.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take());
+            query = match after {
+                Some(after) => query
+                    .key_condition_expression("userId = :u AND chatId > :after")
+                    .expression_attribute_values(":after", s(after.as_str())),
+                None => query.key_condition_expression("userId = :u"),
+            };
+            let page = query.send().await.map_err(sdk_error)?;
+            let chat_keys = page
+                .items()
+                .iter()
+                .filter_map(|k| k.get("chatId").cloned())
+                .map(|id| HashMap::from([("chatId".to_owned(), id)]))
+                .collect();
+            let items = self.get_batches(&self.names.chats_table, chat_keys, None).await?;
+            let mut found = items
+                .into_iter()
+                .map(|i| from_item::<ChatRow>(i).map(Chat::from))
+                .filter(|c| c.as_ref().map_or(true, |c| c.is_member(user)))
+                .collect::<Result<Vec<_>>>()?;
+            found.sort_by(|a, b| a.id.cmp(&b.id));
+            chats.extend(found);
+            match page.last_evaluated_key {
+                Some(key) if chats.len() < limit => start = Some(key),
+                _ => break,
+            }
+        }
+        chats.truncate(limit);
         Ok(chats)
     }
 }

@@ -187,7 +187,12 @@ pub struct ModifyChatParticipants {
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct ListChats {}
+pub struct ListChats {
+    #[serde(default)]
+    pub limit: Option<u32>,
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Sync {
@@ -259,11 +264,14 @@ pub struct ChatSummary {
     pub name: String,
     pub participants: Vec<UserId>,
     pub admins: Vec<UserId>,
+    pub encrypted: bool,
 }
 
+/// A page of the caller's chats, in chatId order; `cursor: null` at the end.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ChatList {
     pub chats: Vec<ChatSummary>,
+    pub cursor: Option<String>,
 }
 
 /// A page of the inbox. Messages stay as the JSON stored at send time, so a

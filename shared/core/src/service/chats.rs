@@ -8,7 +8,9 @@ use super::Courier;
 use crate::domain::{Caller, Chat, Member};
 use crate::error::{Error, Result};
 use crate::ids::{ChatId, UserId};
-use crate::protocol::{ChatCreated, ChatList, CreateChat, ModifyChatParticipants, Operation, Participants};
+use crate::protocol::{
+    ChatCreated, ChatList, CreateChat, ListChats, ModifyChatParticipants, Operation, Participants,
+};
 
 /// How often a participant change re-reads the chat after losing a race:
 /// enough for every member of a full chat leaving at once.
@@ -92,9 +94,34 @@ impl Courier {
         Err(Error::unavailable("the chat kept changing under this request"))
     }
 
-    pub async fn list_chats(&self, caller: &Caller) -> Result<ChatList> {
-        let chats = self.ports.chats.chats_of(&caller.user).await?;
-        Ok(ChatList { chats: chats.iter().map(Chat::summary).collect() })
+    /// A page of the caller's chats. Like sync's, the cursor is a position
+    /// (the last chatId shown), so a chat joined meanwhile shows up on a
+    /// later page or not at all, never twice; a page stays under the byte
+    /// limit whatever the chats' sizes.
+    pub async fn list_chats(&self, caller: &Caller, cmd: ListChats) -> Result<ChatList> {
+        let limit = self.page_limit(cmd.limit)?;
+        let after = match cmd.cursor {
+            None => None,
+            Some(c) if ulid::Ulid::from_string(&c).is_ok() => {
+                Some(ChatId::try_from(c).map_err(Error::BadRequest)?)
+            }
+            Some(_) => return Err(Error::BadRequest("cursor is not one that listChats returned".into())),
+        };
+        let found = self.ports.chats.chats_of(&caller.user, after.as_ref(), limit + 1).await?;
+        let mut chats = Vec::with_capacity(found.len().min(limit));
+        let mut bytes = 0;
+        for chat in &found {
+            let summary = chat.summary();
+            let size = serde_json::to_vec(&summary).map_err(Error::internal)?.len() + 1;
+            if chats.len() == limit || (bytes + size > self.limits.max_page_bytes && !chats.is_empty()) {
+                break;
+            }
+            bytes += size;
+            chats.push(summary);
+        }
+        let cursor =
+            if chats.len() < found.len() { chats.last().map(|c| c.chat_id.to_string()) } else { None };
+        Ok(ChatList { chats, cursor })
     }
 
     /// The chat, if the caller is one of its participants.

@@ -197,14 +197,7 @@ impl Courier {
 
     #[instrument(level = "debug", skip_all, fields(user = %caller.user, device = %caller.device))]
     pub async fn sync(&self, caller: &Caller, cmd: Sync) -> Result<SyncPage> {
-        let limit = match cmd.limit {
-            None => self.limits.default_sync_limit,
-            Some(0) => return Err(Error::BadRequest("limit must be at least 1".into())),
-            Some(n) if n > self.limits.max_sync_limit => {
-                return Err(Error::LimitExceeded(format!("limit is at most {}", self.limits.max_sync_limit)));
-            }
-            Some(n) => n,
-        } as usize;
+        let limit = self.page_limit(cmd.limit)?;
         // A cursor is the last messageId of a page: anything else was not made by sync.
         let after = match cmd.cursor {
             None => None,
@@ -220,7 +213,7 @@ impl Courier {
         let mut last = None;
         for (id, json) in &rows {
             if messages.len() == limit
-                || (bytes + json.len() + 1 > self.limits.max_sync_bytes && !messages.is_empty())
+                || (bytes + json.len() + 1 > self.limits.max_page_bytes && !messages.is_empty())
             {
                 break;
             }

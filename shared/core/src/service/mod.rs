@@ -83,6 +83,18 @@ impl Courier {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// The `limit` of a paged command (sync, listChats), checked.
+    fn page_limit(&self, asked: Option<u32>) -> Result<usize> {
+        match asked {
+            None => Ok(self.limits.default_page_limit as usize),
+            Some(0) => Err(crate::Error::BadRequest("limit must be at least 1".into())),
+            Some(n) if n > self.limits.max_page_limit => {
+                Err(crate::Error::LimitExceeded(format!("limit is at most {}", self.limits.max_page_limit)))
+            }
+            Some(n) => Ok(n as usize),
+        }
+    }
+
     /// The periodic clean-up: expired devices and inbox rows, old message rows.
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = self.now();

@@ -90,14 +90,17 @@ impl ChatStore for SqliteStore {
         updated
     }
 
-    async fn chats_of(&self, user: &UserId) -> Result<Vec<Chat>> {
+    async fn chats_of(&self, user: &UserId, after: Option<&ChatId>, limit: usize) -> Result<Vec<Chat>> {
         let user = user.to_string();
+        let after = after.map(ChatId::to_string).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT c.chat_id, c.body, c.version FROM participants p JOIN chats c ON c.chat_id = p.chat_id
-                 WHERE p.user_id = ?1 ORDER BY c.chat_id",
+                 WHERE p.user_id = ?1 AND p.chat_id > ?2 ORDER BY p.chat_id LIMIT ?3",
             )?;
-            let rows = stmt.query_map([&user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows =
+                stmt.query_map(params![&user, &after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.map(|row| row.and_then(|(id, body, version)| chat_from_row(id, body, version))).collect()
         })
         .await
