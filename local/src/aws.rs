@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use aws_lambda_events::dynamodb::{Event as StreamEvent, EventRecord, StreamRecord, StreamViewType};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+use courier_aws::aws_sdk_apigatewaymanagement as management;
 use courier_aws::aws_sdk_sqs::error::DisplayErrorContext;
 use courier_aws::aws_sdk_sqs::types::QueueAttributeName;
 use courier_aws::lambda;
@@ -37,11 +38,13 @@ pub struct Backend {
 impl Backend {
     /// Creates (where missing) the tables, queues and bucket named with
     /// `prefix`, and builds the clients, with `watcher` on them if given.
-    /// Pushes go to `connections_endpoint`.
+    /// Pushes go to `connections_endpoint`, signed with `management_key`
+    /// (id, secret).
     pub async fn provision(
         config: &aws_config::SdkConfig,
         prefix: &str,
         connections_endpoint: &str,
+        management_key: (&str, &str),
         watcher: Option<&dyn Watcher>,
     ) -> anyhow::Result<Backend> {
         let sqs = courier_aws::aws_sdk_sqs::Client::new(config);
@@ -64,10 +67,17 @@ impl Backend {
             .send()
             .await?;
         let names = Names::prefixed(prefix, queue.queue_url().unwrap_or_default(), connections_endpoint);
-        let aws = match watcher {
+        let mut aws = match watcher {
             Some(watcher) => Aws::watched(config, names, watcher),
             None => Aws::new(config, names),
         };
+        // This process is the API Gateway that checks those pushes, and it
+        // knows only its management key, not the SDK's credentials.
+        let (key_id, secret) = management_key;
+        let credentials = management::config::Credentials::new(key_id, secret, None, None, "courier-local");
+        aws.management = management::Client::from_conf(
+            aws.management.config().to_builder().credentials_provider(credentials).build(),
+        );
         schema::create_tables(&aws.dynamodb, &aws.names).await?;
         if let Err(e) = aws.s3.create_bucket().bucket(&aws.names.media_bucket).send().await {
             let owned = e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you());

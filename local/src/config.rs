@@ -27,6 +27,11 @@ pub struct Config {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub jwt_secret: String,
+    /// The access key every management API request must be signed with
+    /// (SigV4, service `execute-api`); `test`/`test` by default, as local
+    /// AWS emulators take.
+    pub management_key_id: String,
+    pub management_secret: String,
     /// Base of the blob URLs handed to clients; defaults to `http://{addr}`.
     pub public_url: Option<String>,
     pub durability: Durability,
@@ -53,6 +58,8 @@ impl Default for Config {
             addr: ([127, 0, 0, 1], 3001).into(),
             data_dir: PathBuf::from(".courier"),
             jwt_secret: courier_core::auth::DEV_SECRET.to_owned(),
+            management_key_id: "test".to_owned(),
+            management_secret: "test".to_owned(),
             public_url: None,
             durability: Durability::default(),
             idle_timeout: Duration::from_secs(600),

@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod config;
 pub mod gateway;
 pub mod management;
+pub mod sigv4;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,7 +91,14 @@ async fn on_aws(
         None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
     };
     let endpoint = format!("http://{addr}");
-    let backend = aws::Backend::provision(&sdk, prefix, &endpoint, config.watcher.as_deref()).await?;
+    let backend = aws::Backend::provision(
+        &sdk,
+        prefix,
+        &endpoint,
+        (&config.management_key_id, &config.management_secret),
+        config.watcher.as_deref(),
+    )
+    .await?;
     let courier = Arc::new(Courier::new(backend.ports(clock), config.limits.clone()));
     let mut tasks = Vec::from(backend.spawn(courier.clone()));
     tasks.push(embedded::spawn_cleanup(courier.clone(), None, CLEANUP_EVERY));
@@ -134,7 +142,11 @@ pub async fn serve_with(
             get(management::get_connection)
                 .post(management::post_to_connection)
                 .delete(management::delete_connection)
-                .with_state(connections.clone()),
+                .with_state(connections.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::new(sigv4::Verifier::new(&config.management_key_id, &config.management_secret)),
+                    management::require_signature,
+                )),
         )
         .merge(started.routes);
 

@@ -34,6 +34,12 @@ struct Cli {
     /// HS256 secret that tokens are verified with.
     #[arg(long, env = "COURIER_JWT_SECRET", default_value = courier_core::auth::DEV_SECRET, hide_default_value = true)]
     jwt_secret: String,
+    /// Access key id that management API requests must be signed with (SigV4, service execute-api).
+    #[arg(long, env = "COURIER_MANAGEMENT_KEY_ID", default_value = "test")]
+    management_key_id: String,
+    /// Secret of that access key.
+    #[arg(long, env = "COURIER_MANAGEMENT_SECRET", default_value = "test", hide_default_value = true)]
+    management_secret: String,
     /// Base URL of the blob links handed to clients (default: http://ADDR).
     #[arg(long, env = "COURIER_PUBLIC_URL")]
     public_url: Option<String>,
@@ -111,6 +117,8 @@ async fn main() -> anyhow::Result<()> {
         addr: cli.addr,
         data_dir: cli.data_dir,
         jwt_secret: cli.jwt_secret,
+        management_key_id: cli.management_key_id,
+        management_secret: cli.management_secret,
         public_url: cli.public_url,
         durability: match cli.durability {
             DurabilityArg::Process => Durability::Process,

@@ -3,14 +3,52 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use courier_core::ids::ConnectionId;
 
 use crate::gateway::{Connections, Outbound};
+use crate::sigv4::Verifier;
+
+/// API Gateway's limit on a management request's payload; held to it before
+/// the signature is checked, so an unsigned request cannot make the server
+/// buffer more.
+const MAX_BODY: usize = 128 * 1024;
+
+/// Lets through only requests signed with the configured key. It runs before
+/// the handlers look anything up, so a refused request changes nothing and
+/// learns nothing, not even whether the connection exists.
+pub async fn require_signature(
+    State(verifier): State<Arc<Verifier>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [("x-amzn-ErrorType", "PayloadTooLargeException"), ("content-type", "application/json")],
+            r#"{"message":"Request Too Long"}"#,
+        )
+            .into_response();
+    };
+    if let Err(refused) = verifier.verify(&parts.method, &parts.uri, &parts.headers, &body, SystemTime::now())
+    {
+        tracing::warn!(reason = refused.0, method = %parts.method, "management API request refused");
+        return (
+            StatusCode::FORBIDDEN,
+            [("x-amzn-ErrorType", "ForbiddenException"), ("content-type", "application/json")],
+            r#"{"message":"Forbidden"}"#,
+        )
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
 
 /// API Gateway's answer for an unknown or closed connection.
 fn gone() -> Response {

@@ -18,7 +18,8 @@ fn push_to(endpoint: &str) -> ApiGatewayPush {
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .endpoint_url(endpoint)
-        .credentials_provider(management::config::Credentials::new("testing", "testing", None, None, "test"))
+        // courier-local's default management key.
+        .credentials_provider(management::config::Credentials::new("test", "test", None, None, "test"))
         .build();
     ApiGatewayPush::new(management::Client::from_conf(config))
 }
