@@ -44,6 +44,20 @@ pub struct Config {
     /// Frames past this are not even read: the connection closes with 1009.
     pub hard_frame_bytes: usize,
     pub rate_limit: RateLimit,
+    /// A request whose headers have not all arrived this long after the
+    /// socket was accepted is dropped (10 s).
+    pub header_read_timeout: Duration,
+    /// Sockets still in their HTTP phase (not yet upgraded, or serving the
+    /// management API and blob URLs); past it a new socket is closed at once.
+    pub max_pending_connections: usize,
+    /// Live WebSocket connections; past it an upgrade gets 503.
+    pub max_connections: usize,
+    /// A connection whose queued outbound frames pass this many bytes is cut
+    /// off (1 MiB): it syncs what it missed when it reconnects.
+    pub max_queued_bytes: usize,
+    /// A connection whose writer makes no progress for this long is cut off
+    /// (30 s): its oldest queued frame has waited that long.
+    pub stall_timeout: Duration,
     pub limits: Limits,
     /// On the AWS backend, sees every request the AWS clients make (the
     /// cost tests put the test kit's meter here).
@@ -67,9 +81,49 @@ impl Default for Config {
             max_frame_bytes: 32 * 1024,
             hard_frame_bytes: 1024 * 1024,
             rate_limit: RateLimit::default(),
+            header_read_timeout: Duration::from_secs(10),
+            max_pending_connections: 1024,
+            max_connections: 100_000,
+            max_queued_bytes: 1024 * 1024,
+            stall_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             #[cfg(feature = "aws")]
             watcher: None,
         }
+    }
+}
+
+impl Config {
+    /// Refuses to serve on `addr` with settings only fit for one machine: the
+    /// dev JWT secret is public, so anyone who can reach a socket off
+    /// loopback could sign tokens as any user.
+    pub fn check_exposure(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        if self.jwt_secret == courier_core::auth::DEV_SECRET && !addr.ip().to_canonical().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on {addr} with the development JWT secret, which anyone can \
+                 sign tokens with: set COURIER_JWT_SECRET (or --jwt-secret) to a secret of your own, \
+                 or listen on 127.0.0.1"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    #[test]
+    fn the_dev_secret_serves_on_loopback_only() {
+        let dev = Config::default();
+        for addr in ["127.0.0.1:3001", "127.1.2.3:0", "[::1]:3001", "[::ffff:127.0.0.1]:3001"] {
+            assert!(dev.check_exposure(addr.parse().unwrap()).is_ok(), "{addr}");
+        }
+        for addr in ["0.0.0.0:3001", "[::]:3001", "10.0.0.5:3001", "[::ffff:10.0.0.5]:3001"] {
+            let refused = dev.check_exposure(addr.parse().unwrap()).expect_err(addr).to_string();
+            assert!(refused.contains("COURIER_JWT_SECRET"), "{refused}");
+        }
+        let own = Config { jwt_secret: "a secret of our own".into(), ..Config::default() };
+        assert!(own.check_exposure("0.0.0.0:3001".parse().unwrap()).is_ok());
     }
 }

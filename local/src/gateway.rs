@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -22,17 +22,21 @@ use courier_core::ports::{Clock, Posted, Push, SystemClock};
 use courier_core::protocol::ErrorCode;
 use courier_core::ratelimit::TokenBucket;
 use courier_core::{Courier, Error, Result};
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::Config;
 
-/// Frames waiting for a slow client before it is cut off (it can sync later).
-const OUTBOX: usize = 1024;
+/// Frames the writer takes from the outbox for one flush.
+const BATCH: usize = 1024;
+/// How long a closing connection's writer may take to send what is queued
+/// (a last answer, the close frame) before it is stopped.
+const LAST_WRITES: Duration = Duration::from_secs(5);
 /// tungstenite allocates its 128 KiB default read buffer per socket up front:
 /// most of an idle connection's memory. Frames are at most 32 KiB anyway.
 const READ_BUFFER: usize = 4 * 1024;
-/// Writes are flushed once per batch (see `run`), so tungstenite need not
+/// Writes are flushed once per batch (see `write`), so tungstenite need not
 /// hold more than a frame before writing through.
 const WRITE_BUFFER: usize = 8 * 1024;
 
@@ -44,17 +48,96 @@ pub enum Outbound {
     Close(u16, &'static str),
 }
 
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Text(text) => text.len(),
+            Outbound::Binary(bytes) => bytes.len(),
+            Outbound::Close(_, reason) => 2 + reason.len(),
+        }
+    }
+}
+
+/// What a connection's senders and its writer share: the bytes queued and
+/// whether the connection has been cut off.
+struct Queue {
+    id: ConnectionId,
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    cut_off: AtomicBool,
+    /// Wakes the socket task when the connection must end at once.
+    kill: Notify,
+}
+
+impl Queue {
+    /// Ends a client that cannot keep up. It loses nothing: what it was not
+    /// sent waits in its inbox for `sync`.
+    fn cut_off(&self, why: &'static str) {
+        if !self.cut_off.swap(true, Ordering::SeqCst) {
+            tracing::warn!(connection = %self.id, why, "client cut off");
+            self.kill.notify_one();
+        }
+    }
+}
+
+/// A frame's bytes, counted against its connection until the frame is
+/// written or dropped, whichever comes first.
+struct Held {
+    bytes: usize,
+    queue: Arc<Queue>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.queue.bytes.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// A frame in an outbox.
+struct Queued {
+    frame: Outbound,
+    held: Held,
+}
+
 /// One live connection, as the management API sees it.
 pub struct Connection {
     pub user: String,
     pub device: String,
-    outbox: mpsc::Sender<Outbound>,
-    /// Wakes the socket task when the connection must end at once.
-    kill: Arc<Notify>,
+    /// Unbounded: the queue's byte count is the bound, for pushes and answers alike.
+    outbox: mpsc::UnboundedSender<Queued>,
+    queue: Arc<Queue>,
     pub connected_at: i64,
     pub last_active_at: AtomicI64,
     pub source_ip: String,
     pub user_agent: String,
+}
+
+impl Connection {
+    /// Queues a frame for the writer; `false` when the connection is gone or
+    /// this frame took it past its byte cap, which cuts it off.
+    fn enqueue(&self, frame: Outbound) -> bool {
+        if self.queue.cut_off.load(Ordering::SeqCst) {
+            return false;
+        }
+        let bytes = frame.len();
+        let queued = self.queue.bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        // From here on, dropping the frame anywhere gives its bytes back.
+        let held = Held { bytes, queue: self.queue.clone() };
+        if queued > self.queue.max_bytes {
+            self.queue.cut_off("queued frames past the byte cap");
+            return false;
+        }
+        self.outbox.send(Queued { frame, held }).is_ok()
+    }
+
+    fn is_cut_off(&self) -> bool {
+        self.queue.cut_off.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of frames queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes.load(Ordering::SeqCst)
+    }
 }
 
 /// Every live connection by id: the local stand-in for API Gateway's
@@ -62,6 +145,7 @@ pub struct Connection {
 #[derive(Default)]
 pub struct Connections {
     map: Mutex<HashMap<ConnectionId, Arc<Connection>>>,
+    writers: AtomicUsize,
 }
 
 impl Connections {
@@ -85,22 +169,19 @@ impl Connections {
         }
     }
 
-    /// Queues a frame; `false` when the connection is gone. A client whose
-    /// outbox is full is cut off rather than allowed to hold memory.
+    /// Queues a frame; `false` when the connection is gone. A client with
+    /// too much queued is cut off rather than allowed to hold memory.
     pub fn send(&self, id: &ConnectionId, frame: Outbound) -> bool {
         let Some(connection) = self.get(id) else {
             return false;
         };
-        match connection.outbox.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(%id, "client too slow; closing its connection");
-                self.lock().remove(id);
-                connection.kill.notify_one();
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if connection.enqueue(frame) {
+            return true;
         }
+        if connection.is_cut_off() {
+            self.remove_if(id, &connection);
+        }
+        false
     }
 
     /// Closes the connection with `code`; `false` when it was already gone.
@@ -109,8 +190,8 @@ impl Connections {
             return false;
         };
         // The writer sends the close frame; the reader stops waiting for the client.
-        let _ = connection.outbox.try_send(Outbound::Close(code, reason));
-        connection.kill.notify_one();
+        connection.enqueue(Outbound::Close(code, reason));
+        connection.queue.kill.notify_one();
         true
     }
 
@@ -133,6 +214,28 @@ impl Connections {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Socket writer tasks still running. A connection's frames live as long
+    /// as its writer, so tests read this to see that one cut off was freed.
+    pub fn writers(&self) -> usize {
+        self.writers.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a writer task in [`Connections::writers`] until it ends, aborted or not.
+struct Writing(Arc<Connections>);
+
+impl Writing {
+    fn new(connections: Arc<Connections>) -> Self {
+        connections.writers.fetch_add(1, Ordering::SeqCst);
+        Self(connections)
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -152,6 +255,8 @@ pub struct Gateway {
     courier: Arc<Courier>,
     verifier: Verifier,
     connections: Arc<Connections>,
+    /// One permit per live WebSocket, held by its socket task.
+    live: Arc<Semaphore>,
     config: Config,
     clock: SystemClock,
 }
@@ -163,7 +268,8 @@ impl Gateway {
         connections: Arc<Connections>,
         config: Config,
     ) -> Self {
-        Self { courier, verifier, connections, config, clock: SystemClock }
+        let live = Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS)));
+        Self { courier, verifier, connections, live, config, clock: SystemClock }
     }
 }
 
@@ -189,6 +295,10 @@ pub async fn upgrade(
         )
             .into_response();
     };
+    // Shed load before doing any work for it: past the cap, clients retry later.
+    let Ok(live) = gateway.live.clone().try_acquire_owned() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE);
+    };
 
     // The authorizer's part: a valid token names the user (401 otherwise).
     let token = query.get("token").map(String::as_str).unwrap_or_default();
@@ -206,12 +316,19 @@ pub async fn upgrade(
 
     let id = new_connection_id();
     let now = gateway.clock.now();
-    let (outbox, inbox) = mpsc::channel(OUTBOX);
+    let (outbox, frames) = mpsc::unbounded_channel();
+    let queue = Arc::new(Queue {
+        id: id.clone(),
+        bytes: AtomicUsize::new(0),
+        max_bytes: gateway.config.max_queued_bytes,
+        cut_off: AtomicBool::new(false),
+        kill: Notify::new(),
+    });
     let connection = Arc::new(Connection {
         user: user.to_string(),
         device: device.to_string(),
         outbox,
-        kill: Arc::new(Notify::new()),
+        queue,
         connected_at: now,
         last_active_at: AtomicI64::new(now),
         source_ip: peer.ip().to_string(),
@@ -248,7 +365,7 @@ pub async fn upgrade(
                 tokio::spawn(async move { hang_up(&gateway, &id, &connection).await });
             }
         })
-        .on_upgrade(move |socket| run(gateway, socket, caller, connection, inbox))
+        .on_upgrade(move |socket| run(gateway, socket, caller, connection, frames, live))
 }
 
 /// A refused upgrade, with API Gateway's body.
@@ -271,48 +388,25 @@ async fn run(
     socket: WebSocket,
     caller: Caller,
     connection: Arc<Connection>,
-    mut outbox: mpsc::Receiver<Outbound>,
+    frames: mpsc::UnboundedReceiver<Queued>,
+    _live: OwnedSemaphorePermit,
 ) {
-    let (mut sink, mut stream) = socket.split();
-    // Whatever is queued when the writer wakes goes out in one flush: under
-    // load, one write(2) carries many frames.
-    let writer = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        'frames: while outbox.recv_many(&mut batch, OUTBOX).await > 0 {
-            for frame in batch.drain(..) {
-                let (message, last) = match frame {
-                    Outbound::Text(text) => (Message::Text(text.into()), false),
-                    Outbound::Binary(bytes) => (Message::Binary(bytes.into()), false),
-                    Outbound::Close(code, reason) => {
-                        (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true)
-                    }
-                };
-                if sink.feed(message).await.is_err() {
-                    break 'frames;
-                }
-                if last {
-                    let _ = sink.flush().await;
-                    break 'frames;
-                }
-            }
-            if sink.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let writing = Writing::new(gateway.connections.clone());
+    let mut writer =
+        tokio::spawn(write(sink, frames, connection.queue.clone(), gateway.config.stall_timeout, writing));
 
     let config = &gateway.config;
     let deadline = tokio::time::Instant::now() + config.max_connection;
     let mut bucket = TokenBucket::new(config.rate_limit);
     let close = |code, reason| {
-        let _ = connection.outbox.try_send(Outbound::Close(code, reason));
+        connection.enqueue(Outbound::Close(code, reason));
     };
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(config.idle_timeout, stream.next()) => next,
             () = tokio::time::sleep_until(deadline) => { close(1001, "connection lifetime reached"); break }
-            () = connection.kill.notified() => break,
+            () = connection.queue.kill.notified() => break,
         };
         let frame = match next {
             Err(_) => {
@@ -332,35 +426,89 @@ async fn run(
         };
         connection.last_active_at.store(gateway.clock.now(), Ordering::Relaxed);
         let text = match frame {
-            Message::Text(text) => text,
-            Message::Binary(_) => {
-                let refused = refusal("", ErrorCode::BadRequest, "frames are JSON text, not binary");
-                let _ = connection.outbox.try_send(Outbound::Text(refused));
-                continue;
-            }
+            Message::Text(text) => Some(text),
+            Message::Binary(_) => None,
             Message::Close(_) => break,
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         let started = Instant::now();
-        let reply = if !bucket.take() {
-            Some(refusal(&text, ErrorCode::RateLimited, "rate limit reached: slow down"))
-        } else if text.len() > config.max_frame_bytes {
-            let message = format!("a frame is at most {} bytes", config.max_frame_bytes);
-            Some(refusal(&text, ErrorCode::LimitExceeded, &message))
-        } else {
+        // Every frame takes a token, binary ones too: else they would be a
+        // free way to keep the server answering.
+        let reply = match text {
+            text if !bucket.take() => {
+                let text = text.as_deref().unwrap_or_default();
+                Some(refusal(text, ErrorCode::RateLimited, "rate limit reached: slow down"))
+            }
+            None => Some(refusal("", ErrorCode::BadRequest, "frames are JSON text, not binary")),
+            Some(text) if text.len() > config.max_frame_bytes => {
+                let message = format!("a frame is at most {} bytes", config.max_frame_bytes);
+                Some(refusal(&text, ErrorCode::LimitExceeded, &message))
+            }
             // Boxed: inline, the largest command's state would sit in every
             // idle connection's task for its whole life.
-            Box::pin(dispatch(&gateway.courier, &caller, &text)).await
+            Some(text) => Box::pin(dispatch(&gateway.courier, &caller, &text)).await,
         };
         tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "frame handled");
         if let Some(reply) = reply
-            && connection.outbox.try_send(Outbound::Text(reply)).is_err()
+            && !connection.enqueue(Outbound::Text(reply))
         {
             break;
         }
     }
+    // A client cut off loses its queued frames now, not when its socket
+    // unblocks: they are what it was cut off for.
+    if connection.is_cut_off() {
+        writer.abort();
+    }
     Box::pin(hang_up(&gateway, &caller.connection, &connection)).await;
     // Let the writer flush what is queued (a close frame, a last answer).
     drop(connection);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    if tokio::time::timeout(LAST_WRITES, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// The writer of one socket. Whatever is queued when it wakes goes out in one
+/// flush: under load, one write(2) carries many frames. A write that makes no
+/// progress for `stall` cuts the client off.
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut frames: mpsc::UnboundedReceiver<Queued>,
+    queue: Arc<Queue>,
+    stall: Duration,
+    _writing: Writing,
+) {
+    let mut batch = Vec::new();
+    'frames: while frames.recv_many(&mut batch, BATCH).await > 0 {
+        for Queued { frame, held } in batch.drain(..) {
+            let (message, last) = match frame {
+                Outbound::Text(text) => (Message::Text(text.into()), false),
+                Outbound::Binary(bytes) => (Message::Binary(bytes.into()), false),
+                Outbound::Close(code, reason) => {
+                    (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true)
+                }
+            };
+            match tokio::time::timeout(stall, sink.feed(message)).await {
+                Ok(Ok(())) => drop(held),
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    queue.cut_off("stalled: no write progress");
+                    return;
+                }
+            }
+            if last {
+                break 'frames;
+            }
+        }
+        match tokio::time::timeout(stall, sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                queue.cut_off("stalled: no write progress");
+                return;
+            }
+        }
+    }
+    // Flushes what is left, the close frame included.
+    let _ = tokio::time::timeout(stall, sink.close()).await;
 }

@@ -4,24 +4,24 @@
 //! API with its authorizer, routes and limits ([`gateway`]), the
 //! `@connections` management API ([`management`]) and the presigned blob URLs
 //! ([`blobs`]), over the embedded adapters (SQLite, files, in-process queue
-//! and feed). `serve` takes a bound listener, so tests start it on port 0.
+//! and feed), behind its own accept loop ([`listener`]). `serve` takes a
+//! bound listener, so tests start it on port 0.
 
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod blobs;
 pub mod config;
 pub mod gateway;
+pub mod listener;
 pub mod management;
 pub mod sigv4;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, put};
-use axum::serve::ListenerExt;
 use courier_core::Courier;
 use courier_core::auth::Verifier;
 use courier_core::domain::Limits;
@@ -82,7 +82,7 @@ async fn on_aws(
     config: &Config,
     prefix: &str,
     sdk: Option<courier_aws::aws_config::SdkConfig>,
-    addr: SocketAddr,
+    addr: std::net::SocketAddr,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Started> {
     use courier_aws::aws_config;
@@ -124,6 +124,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    config.check_exposure(addr)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let started = match &config.backend {
@@ -151,15 +152,7 @@ pub async fn serve_with(
         .merge(started.routes);
 
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "courier-local listening");
-    // Frames are small and latency-bound: no Nagle delay on any socket.
-    let listener = listener.tap_io(|socket| {
-        if let Err(e) = socket.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    listener::serve(listener, app, &config, shutdown).await?;
 
     tracing::info!("shutting down");
     connections.close_all(1001, "server shutting down");

@@ -58,6 +58,12 @@ struct Cli {
     /// Frames a second a connection may send, sustained.
     #[arg(long, env = "COURIER_RATE_PER_SECOND", default_value_t = 20.0)]
     rate_per_second: f64,
+    /// Live WebSocket connections at most; past it an upgrade gets 503.
+    #[arg(long, env = "COURIER_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+    /// Sockets not yet upgraded (or on the HTTP routes) at most; past it a new one is closed.
+    #[arg(long, env = "COURIER_MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    max_pending_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -127,8 +133,11 @@ async fn main() -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(cli.idle_timeout),
         max_connection: Duration::from_secs(cli.max_connection),
         rate_limit: RateLimit { capacity: cli.rate_burst, per_second: cli.rate_per_second },
+        max_connections: cli.max_connections,
+        max_pending_connections: cli.max_pending_connections,
         ..Config::default()
     };
+    courier_local::listener::raise_fd_limit(&config);
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
