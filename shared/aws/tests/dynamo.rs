@@ -16,7 +16,8 @@ fn tables_of(store: DynamoTables) -> Tables {
         chats: Arc::new(store.clone()),
         devices: Arc::new(store.clone()),
         messages: Arc::new(store.clone()),
-        attachments: Arc::new(store),
+        attachments: Arc::new(store.clone()),
+        quotas: Arc::new(store),
     }
 }
 

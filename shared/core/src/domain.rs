@@ -32,6 +32,9 @@ pub struct Limits {
     pub url_ttl_ms: Millis,
     /// Fan-outs to more live connections than this go through the job queue.
     pub inline_push_limit: usize,
+    /// Daily quotas per user (see `ports::Quota`).
+    pub max_pending_bytes_per_day: u64,
+    pub max_attachment_bytes_per_day: u64,
 }
 
 impl Default for Limits {
@@ -51,6 +54,11 @@ impl Default for Limits {
             device_expiry_ms: 30 * DAY_MS,
             url_ttl_ms: 15 * 60 * 1000,
             inline_push_limit: 64,
+            // A 16 KiB message to 99 people who have not installed the app
+            // yet is 1.6 MB; this allows a dozen such a day.
+            max_pending_bytes_per_day: 20 * 1024 * 1024,
+            // Twenty full-size videos a day.
+            max_attachment_bytes_per_day: 2 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -145,6 +145,35 @@ pub trait AttachmentStore: Send + Sync {
     async fn chats_of_attachment(&self, id: &AttachmentId) -> Result<Vec<ChatId>>;
 }
 
+/// A daily quota on what one user can make the server store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quota {
+    /// Message bytes stored for users who have never connected, counted once
+    /// per such recipient: nothing else bounds what a sender makes the server
+    /// keep for made-up users.
+    PendingBytes,
+    /// Bytes of attachments declared by createAttachment.
+    AttachmentBytes,
+}
+
+impl Quota {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quota::PendingBytes => "pendingBytes",
+            Quota::AttachmentBytes => "attachmentBytes",
+        }
+    }
+}
+
+/// Usage counters behind the quotas, one per user and quota, for the current day.
+#[async_trait]
+pub trait QuotaStore: Send + Sync {
+    /// Adds `amount` to the user's use of `quota` on `day` (days since the
+    /// epoch, UTC; a new day starts from zero) unless that would pass `limit`:
+    /// then nothing changes and the answer is `false`.
+    async fn charge(&self, user: &UserId, quota: Quota, day: i64, amount: u64, limit: u64) -> Result<bool>;
+}
+
 /// A presigned request: where to send it and which headers must go with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Presigned {

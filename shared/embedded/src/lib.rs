@@ -35,6 +35,7 @@ pub fn ports(store: &SqliteStore, blobs: &FileBlobs, push: Arc<dyn Push>, clock:
         devices: Arc::new(store.clone()),
         messages: Arc::new(store.clone()),
         attachments: Arc::new(store.clone()),
+        quotas: Arc::new(store.clone()),
         blobs: Arc::new(blobs.clone()),
         push,
         jobs: Arc::new(store.clone()),

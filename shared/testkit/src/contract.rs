@@ -9,8 +9,8 @@ use std::sync::Arc;
 use courier_core::domain::{Chat, InboxKey, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, IdGen, MessageId, UserId};
 use courier_core::ports::{
-    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, MessageStore, Store,
-    StoredMessage,
+    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, MessageStore, Quota,
+    QuotaStore, Store, StoredMessage,
 };
 
 /// The table ports of one adapter family.
@@ -20,6 +20,7 @@ pub struct Tables {
     pub devices: Arc<dyn DeviceStore>,
     pub messages: Arc<dyn MessageStore>,
     pub attachments: Arc<dyn AttachmentStore>,
+    pub quotas: Arc<dyn QuotaStore>,
 }
 
 /// A fixed "now" for the suite; adapters must not read the clock themselves
@@ -66,6 +67,28 @@ pub async fn all(t: &Tables) {
     pending_inbox(t).await;
     expiry(t).await;
     attachments(t).await;
+    quotas(t).await;
+}
+
+/// A quota counts per user, per quota and per day, and refuses (changing
+/// nothing) what would pass the limit, even when charges race.
+pub async fn quotas(t: &Tables) {
+    let n = Names::new();
+    let (u, v) = (n.user("u"), n.user("v"));
+    let (q, day) = (Quota::PendingBytes, 20_000);
+    assert!(t.quotas.charge(&u, q, day, 60, 100).await.unwrap());
+    assert!(t.quotas.charge(&u, q, day, 40, 100).await.unwrap(), "up to the limit exactly");
+    assert!(!t.quotas.charge(&u, q, day, 1, 100).await.unwrap(), "past it");
+    assert!(t.quotas.charge(&v, q, day, 100, 100).await.unwrap(), "each user has their own");
+    assert!(t.quotas.charge(&u, Quota::AttachmentBytes, day, 100, 100).await.unwrap(), "and each quota");
+    assert!(!t.quotas.charge(&u, q, day + 1, 101, 100).await.unwrap(), "never more than the limit at once");
+    assert!(t.quotas.charge(&u, q, day + 1, 100, 100).await.unwrap(), "a new day starts from zero");
+
+    let w = n.user("w");
+    let charges = (0..10).map(|_| t.quotas.charge(&w, q, day, 30, 100));
+    let admitted =
+        futures_util::future::join_all(charges).await.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+    assert_eq!(admitted, 3, "racing charges stay within the limit");
 }
 
 /// A chat of `users` made at the suite's time, the first its admin; adapters' own tests use it too.

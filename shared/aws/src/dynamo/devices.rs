@@ -28,8 +28,9 @@ struct Slots {
 }
 
 /// The `deviceId` of each user's slots row: the set of their registered
-/// devices, which caps them atomically. `#` is not allowed in a deviceId.
-const SLOTS: &str = "#slots";
+/// devices, which caps them atomically (and their quota counters, see
+/// `quotas`). `#` is not allowed in a deviceId.
+pub(super) const SLOTS: &str = "#slots";
 
 #[async_trait]
 impl DeviceStore for DynamoTables {

@@ -8,6 +8,7 @@ mod batch;
 mod chats;
 mod devices;
 mod messages;
+mod quotas;
 mod rows;
 
 use std::collections::{HashMap, HashSet};

@@ -6,7 +6,7 @@ use super::Courier;
 use crate::domain::Caller;
 use crate::error::{Error, Result};
 use crate::ids::AttachmentId;
-use crate::ports::Attachment;
+use crate::ports::{Attachment, Quota};
 use crate::protocol::{AttachmentCreated, AttachmentLink, CreateAttachment};
 
 fn valid_content_type(s: &str) -> bool {
@@ -40,6 +40,7 @@ impl Courier {
         if cmd.sha256.len() != 64 || !cmd.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::BadRequest("sha256 must be 64 hex characters".into()));
         }
+        self.charge(&caller.user, Quota::AttachmentBytes, cmd.size).await?;
         let now = self.now();
         let attachment = Attachment {
             id: self.ids.attachment(now),

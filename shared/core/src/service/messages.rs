@@ -9,7 +9,7 @@ use super::Courier;
 use crate::domain::{Caller, Device, InboxKey};
 use crate::error::{Error, Result};
 use crate::ids::{AttachmentId, ChatId, MessageId, UserId};
-use crate::ports::{DedupeKey, Job, PushTarget, Store, StoredMessage};
+use crate::ports::{DedupeKey, Job, PushTarget, Quota, Store, StoredMessage};
 use crate::protocol::{Ack, Acked, Message, MessageSent, SendMessage, Sync, SyncPage};
 
 /// Connections per delivery job; small enough that one job's retry repeats little.
@@ -71,6 +71,11 @@ impl Courier {
             recipients,
             fanned_out: false,
         };
+        let pending = stored.recipients.iter().filter(|r| matches!(r, InboxKey::Pending(_))).count();
+        if pending > 0 {
+            let bytes = (stored.json.len() * pending) as u64;
+            self.charge(&caller.user, Quota::PendingBytes, bytes).await?;
+        }
         let expires_at = now + self.limits.retention_ms;
         match self.ports.messages.store(&stored, dedupe.as_ref(), expires_at).await? {
             Store::Stored => {

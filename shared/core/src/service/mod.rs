@@ -10,7 +10,10 @@ use std::sync::Arc;
 use crate::domain::{Device, Limits, Millis};
 use crate::error::Result;
 use crate::ids::{ConnectionId, IdGen, UserId};
-use crate::ports::{AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push};
+use crate::ports::{
+    AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push, Quota,
+    QuotaStore,
+};
 
 /// The ports a `Courier` runs on, chosen once at start-up.
 #[derive(Clone)]
@@ -19,6 +22,7 @@ pub struct Ports {
     pub devices: Arc<dyn DeviceStore>,
     pub messages: Arc<dyn MessageStore>,
     pub attachments: Arc<dyn AttachmentStore>,
+    pub quotas: Arc<dyn QuotaStore>,
     pub blobs: Arc<dyn Blobs>,
     pub push: Arc<dyn Push>,
     pub jobs: Arc<dyn Jobs>,
@@ -81,6 +85,27 @@ impl Courier {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Counts `amount` against one of the caller's daily quotas, or refuses
+    /// with LIMIT_EXCEEDED naming the quota when the day's is used up.
+    async fn charge(&self, user: &UserId, quota: Quota, amount: u64) -> Result<()> {
+        let limit = match quota {
+            Quota::PendingBytes => self.limits.max_pending_bytes_per_day,
+            Quota::AttachmentBytes => self.limits.max_attachment_bytes_per_day,
+        };
+        let day = self.now().div_euclid(crate::domain::DAY_MS);
+        if amount <= limit && self.ports.quotas.charge(user, quota, day, amount, limit).await? {
+            return Ok(());
+        }
+        Err(crate::Error::LimitExceeded(match quota {
+            Quota::PendingBytes => {
+                format!(
+                    "quota reached: at most {limit} bytes a day of messages to users who have never connected"
+                )
+            }
+            Quota::AttachmentBytes => format!("quota reached: at most {limit} bytes of attachments a day"),
+        }))
     }
 
     /// The `limit` of a paged command (sync, listChats), checked.

@@ -16,6 +16,7 @@ mod chats;
 mod devices;
 mod jobs;
 mod messages;
+mod quotas;
 mod rows;
 mod schema;
 mod writer;
@@ -256,6 +257,7 @@ mod tests {
             devices: Arc::new(store.clone()),
             messages: Arc::new(store.clone()),
             attachments: Arc::new(store.clone()),
+            quotas: Arc::new(store.clone()),
         };
         contract::all(&tables).await;
         contract::racing_devices(&tables).await;

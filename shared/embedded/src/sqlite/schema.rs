@@ -73,6 +73,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     dead INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (run_at) WHERE dead = 0;
+CREATE TABLE IF NOT EXISTS quotas (
+    user_id TEXT NOT NULL,
+    quota TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (user_id, quota)
+) WITHOUT ROWID;
 "#;
 
 /// `PRAGMA user_version` of the layout above.
