@@ -16,11 +16,15 @@ Standard library otherwise.
 """
 
 import argparse
+import base64
 import fnmatch
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 
@@ -257,11 +261,18 @@ class Check:
             raise AssertionError(f"cargo lambda invoke {function} failed: {done.stderr.strip() or done.stdout.strip()}")
         return json.loads(done.stdout)
 
-    def call(self, name, expect):
-        """Invokes function `name` with events/<name>.json and checks the answer with `expect`."""
+    def call(self, name, expect, change=None):
+        """Invokes function `name` with events/<name>.json (changed by `change`, if given) and checks the answer with `expect`."""
         self.invoked.add(name)
         try:
-            answer = self.invoke(name, os.path.join(ROOT, "events", f"{name}.json"))
+            path = os.path.join(ROOT, "events", f"{name}.json")
+            if change:
+                ev = self.event(name)
+                change(ev)
+                path = os.path.join(self.args.work, f"{name}-changed.json")
+                with open(path, "w") as f:
+                    json.dump(ev, f)
+            answer = self.invoke(name, path)
             expect(answer)
             print(f"ok    {name}")
             return answer
@@ -293,6 +304,26 @@ class Check:
         item = self.ddb.get_item(TableName=name, Key={key_name: {"S": old}}, ConsistentRead=True)["Item"]
         item[key_name] = {"S": new}
         self.ddb.put_item(TableName=name, Item=item)
+
+
+def mint(user, ttl):
+    """An HS256 token for `user`, valid for `ttl` seconds from now, signed with EVENTS_SECRET."""
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    now = int(time.time())
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = b64(json.dumps({"sub": user, "iat": now, "exp": now + ttl}).encode())
+    signature = hmac.new(EVENTS_SECRET.encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest()
+    return f"{header}.{claims}.{b64(signature)}"
+
+
+def with_token(token):
+    def change(ev):
+        ev["queryStringParameters"]["token"] = token
+        ev["multiValueQueryStringParameters"]["token"] = [token]
+
+    return change
 
 
 def frame(answer):
@@ -332,7 +363,10 @@ def run(args):
         assert statement["Effect"] == "Allow" and statement["Action"] == ["execute-api:Invoke"], answer
         assert answer["context"] == {"userId": "alice", "deviceId": "phone"}, answer
 
-    c.call("authorizer", authorized)
+    # The token in events/authorizer.json outlives the authorizer's 24-hour
+    # cap on token lifetimes (it has to stay valid for years): sign a fresh
+    # one with the same secret, as a client would get one.
+    c.call("authorizer", authorized, change=with_token(mint("alice", 3600)))
     c.call("connect", status(200))
     alice_phone = c.event("connect")["requestContext"]["connectionId"]
 

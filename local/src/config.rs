@@ -72,8 +72,8 @@ impl Default for Config {
             addr: ([127, 0, 0, 1], 3001).into(),
             data_dir: PathBuf::from(".courier"),
             jwt_secret: courier_core::auth::DEV_SECRET.to_owned(),
-            management_key_id: "test".to_owned(),
-            management_secret: "test".to_owned(),
+            management_key_id: DEFAULT_MANAGEMENT_KEY_ID.to_owned(),
+            management_secret: DEFAULT_MANAGEMENT_SECRET.to_owned(),
             public_url: None,
             durability: Durability::default(),
             idle_timeout: Duration::from_secs(600),
@@ -93,16 +93,33 @@ impl Default for Config {
     }
 }
 
+/// The management API's default access key: the convention of local AWS
+/// emulators, so the SDKs work with `test`/`test` out of the box.
+pub const DEFAULT_MANAGEMENT_KEY_ID: &str = "test";
+pub const DEFAULT_MANAGEMENT_SECRET: &str = "test";
+
 impl Config {
     /// Refuses to serve on `addr` with settings only fit for one machine: the
     /// dev JWT secret is public, so anyone who can reach a socket off
-    /// loopback could sign tokens as any user.
+    /// loopback could sign tokens as any user; the default management key
+    /// (`test`/`test`) is public too, and opens every connection to pushes,
+    /// reads and closes by whoever knows it.
     pub fn check_exposure(&self, addr: SocketAddr) -> anyhow::Result<()> {
-        if self.jwt_secret == courier_core::auth::DEV_SECRET && !addr.ip().to_canonical().is_loopback() {
+        if addr.ip().to_canonical().is_loopback() {
+            return Ok(());
+        }
+        if self.jwt_secret == courier_core::auth::DEV_SECRET {
             anyhow::bail!(
                 "refusing to listen on {addr} with the development JWT secret, which anyone can \
                  sign tokens with: set COURIER_JWT_SECRET (or --jwt-secret) to a secret of your own, \
                  or listen on 127.0.0.1"
+            );
+        }
+        if self.management_secret == DEFAULT_MANAGEMENT_SECRET {
+            anyhow::bail!(
+                "refusing to listen on {addr} with the default management API secret, which anyone \
+                 can sign requests with: set COURIER_MANAGEMENT_SECRET (or --management-secret) to a \
+                 secret of your own, or listen on 127.0.0.1"
             );
         }
         Ok(())
@@ -124,6 +141,10 @@ mod tests {
             assert!(refused.contains("COURIER_JWT_SECRET"), "{refused}");
         }
         let own = Config { jwt_secret: "a secret of our own".into(), ..Config::default() };
+        let refused = own.check_exposure("0.0.0.0:3001".parse().unwrap()).expect_err("default key");
+        assert!(refused.to_string().contains("COURIER_MANAGEMENT_SECRET"), "{refused}");
+        assert!(own.check_exposure("127.0.0.1:3001".parse().unwrap()).is_ok());
+        let own = Config { management_secret: "another of our own".into(), ..own };
         assert!(own.check_exposure("0.0.0.0:3001".parse().unwrap()).is_ok());
     }
 }

@@ -320,7 +320,7 @@ async fn binary_frames_take_a_token_like_text_frames() {
 }
 
 #[tokio::test]
-async fn the_dev_secret_is_refused_off_loopback() {
+async fn the_public_default_secrets_are_refused_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let anywhere = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
@@ -332,11 +332,24 @@ async fn the_dev_secret_is_refused_off_loopback() {
     assert!(message.contains("COURIER_JWT_SECRET"), "the error names the fix: {message}");
     assert!(!data_dir.exists(), "refused before touching anything");
 
-    // With a secret of its own it serves there (and on loopback every other test uses the dev one).
+    // The default management key is as public as the dev secret.
     let secret = "a secret of our own";
     let anywhere = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let config = Config { data_dir: data_dir.clone(), jwt_secret: secret.into(), ..Config::default() };
+    let served = courier_local::serve(config, anywhere, std::future::pending());
+    let refused =
+        tokio::time::timeout(WAIT, served).await.expect("refused, not served").expect_err("refused");
+    assert!(refused.to_string().contains("COURIER_MANAGEMENT_SECRET"), "{refused}");
+
+    // With secrets of its own it serves there (and on loopback every other test uses the defaults).
+    let anywhere = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let port = anywhere.local_addr().unwrap().port();
-    let config = Config { data_dir, jwt_secret: secret.into(), ..Config::default() };
+    let config = Config {
+        data_dir,
+        jwt_secret: secret.into(),
+        management_secret: "another of our own".into(),
+        ..Config::default()
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(courier_local::serve(config, anywhere, async {
         let _ = stopped.await;
