@@ -45,7 +45,8 @@ pub struct Config {
     pub hard_frame_bytes: usize,
     pub rate_limit: RateLimit,
     /// A request whose headers have not all arrived this long after the
-    /// socket was accepted is dropped (10 s).
+    /// socket was accepted is dropped (10 s); so is a management API request
+    /// whose body has not arrived this long after its headers.
     pub header_read_timeout: Duration,
     /// Sockets still in their HTTP phase (not yet upgraded, or serving the
     /// management API and blob URLs); past it a new socket is closed at once.
@@ -56,7 +57,9 @@ pub struct Config {
     /// off (1 MiB): it syncs what it missed when it reconnects.
     pub max_queued_bytes: usize,
     /// A connection whose writer makes no progress for this long is cut off
-    /// (30 s): its oldest queued frame has waited that long.
+    /// (30 s): its oldest queued frame has waited that long. A socket still
+    /// in its HTTP phase (a blob transfer, say) that moves no byte either way
+    /// for this long is dropped.
     pub stall_timeout: Duration,
     pub limits: Limits,
     /// On the AWS backend, sees every request the AWS clients make (the

@@ -145,7 +145,10 @@ pub async fn serve_with(
                 .delete(management::delete_connection)
                 .with_state(connections.clone())
                 .layer(axum::middleware::from_fn_with_state(
-                    Arc::new(sigv4::Verifier::new(&config.management_key_id, &config.management_secret)),
+                    Arc::new(management::Gate {
+                        verifier: sigv4::Verifier::new(&config.management_key_id, &config.management_secret),
+                        body_deadline: config.header_read_timeout,
+                    }),
                     management::require_signature,
                 )),
         )

@@ -1,8 +1,13 @@
-//! The accept loop: hyper on each socket, with a header deadline and a cap on sockets not yet upgraded.
+//! The accept loop: hyper on each socket, with a header deadline, an idle
+//! deadline and a cap on sockets not yet upgraded.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -12,8 +17,10 @@ use hyper::server::conn::http1;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::Config;
 
@@ -57,7 +64,8 @@ pub async fn serve(
         if let Err(e) = socket.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        tokio::spawn(connection(socket, peer, app.clone(), http.clone(), permit, stopping.clone()));
+        let idle = config.stall_timeout;
+        tokio::spawn(connection(socket, peer, app.clone(), http.clone(), idle, permit, stopping.clone()));
     }
 
     stop.send_replace(true);
@@ -67,12 +75,18 @@ pub async fn serve(
 }
 
 /// One socket's HTTP phase: it ends when the socket closes, when its headers
-/// are late, or when it is upgraded (the WebSocket then runs on its own).
+/// are late, when no byte has moved either way for `idle`, or when it is
+/// upgraded (the WebSocket then runs on its own, with its own deadlines).
+///
+/// The idle deadline is what frees a request whose body never comes or a
+/// response that is never read (a blob transfer, say): hyper has no
+/// deadline past the headers, and each such socket holds a pending permit.
 async fn connection(
     socket: TcpStream,
     peer: SocketAddr,
     app: Router,
     http: Arc<http1::Builder>,
+    idle: Duration,
     _pending: OwnedSemaphorePermit,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -81,9 +95,15 @@ async fn connection(
         request.extensions_mut().insert(ConnectInfo(peer));
         app.call(request)
     });
+    let socket = Watched::new(socket);
+    let moved = socket.moved.clone();
     let mut served = std::pin::pin!(http.serve_connection(TokioIo::new(socket), service).with_upgrades());
     let result = tokio::select! {
         result = served.as_mut() => result,
+        () = moved.idle_for(idle) => {
+            tracing::debug!(%peer, "nothing moved in the HTTP phase; dropping the socket");
+            return;
+        }
         _ = stopping.changed() => {
             served.as_mut().graceful_shutdown();
             served.await
@@ -91,6 +111,90 @@ async fn connection(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended");
+    }
+}
+
+/// When a socket last moved a byte, in milliseconds since it was accepted.
+struct Moved {
+    since: Instant,
+    at_ms: AtomicU64,
+}
+
+impl Moved {
+    fn stamp(&self) {
+        self.at_ms.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.since + Duration::from_millis(self.at_ms.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A socket that notes each read or write that moves bytes.
+struct Watched {
+    socket: TcpStream,
+    moved: Arc<Moved>,
+}
+
+impl Watched {
+    fn new(socket: TcpStream) -> Self {
+        Self { socket, moved: Arc::new(Moved { since: Instant::now(), at_ms: AtomicU64::new(0) }) }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.socket).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.stamp();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.socket).poll_write(cx, buf);
+        if let Poll::Ready(Ok(1..)) = polled {
+            self.moved.stamp();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.socket).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(1..)) = polled {
+            self.moved.stamp();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -20,16 +20,31 @@ use crate::sigv4::Verifier;
 /// buffer more.
 const MAX_BODY: usize = 128 * 1024;
 
+/// What the signature check needs: the key, and how long the body may take.
+pub struct Gate {
+    pub verifier: Verifier,
+    /// The whole body must have arrived this long after the handler starts
+    /// reading it (the header timeout): the signature covers the body, so it
+    /// is read before anyone is known, and an unsigned client trickling it
+    /// byte by byte must not hold its socket past this.
+    pub body_deadline: Duration,
+}
+
 /// Lets through only requests signed with the configured key. It runs before
 /// the handlers look anything up, so a refused request changes nothing and
 /// learns nothing, not even whether the connection exists.
-pub async fn require_signature(
-    State(verifier): State<Arc<Verifier>>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn require_signature(State(gate): State<Arc<Gate>>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+    let read = tokio::time::timeout(gate.body_deadline, axum::body::to_bytes(body, MAX_BODY));
+    let Ok(body) = read.await else {
+        return (
+            StatusCode::REQUEST_TIMEOUT,
+            [("content-type", "application/json"), ("connection", "close")],
+            r#"{"message":"Request Timeout"}"#,
+        )
+            .into_response();
+    };
+    let Ok(body) = body else {
         return (
             StatusCode::PAYLOAD_TOO_LARGE,
             [("x-amzn-ErrorType", "PayloadTooLargeException"), ("content-type", "application/json")],
@@ -37,7 +52,8 @@ pub async fn require_signature(
         )
             .into_response();
     };
-    if let Err(refused) = verifier.verify(&parts.method, &parts.uri, &parts.headers, &body, SystemTime::now())
+    if let Err(refused) =
+        gate.verifier.verify(&parts.method, &parts.uri, &parts.headers, &body, SystemTime::now())
     {
         tracing::warn!(reason = refused.0, method = %parts.method, "management API request refused");
         return (
