@@ -1055,7 +1055,11 @@ async fn a_burst_past_the_bucket_is_refused_does_nothing_and_the_connection_reco
             json!({ "chatId": chat, "message": "spam", "clientMessageId": format!("k{i}") }),
         )
     });
+    let started = Instant::now();
     let answers = futures_util::future::join_all(burst).await;
+    // What refilled while the burst was served (slowly, on moto) may be spent too.
+    let elapsed = started.elapsed().as_secs_f64();
+    let most = 10 + (2.0 * elapsed).ceil() as usize;
     let (mut sent, mut limited) = (0, 0);
     for answer in answers {
         let frame = answer.expect("every frame is answered");
@@ -1067,7 +1071,10 @@ async fn a_burst_past_the_bucket_is_refused_does_nothing_and_the_connection_reco
             limited += 1;
         }
     }
-    assert!(sent >= 10 && limited >= 20, "{sent} sent, {limited} limited");
+    assert!(
+        (10..=most).contains(&sent) && limited >= 1,
+        "{sent} sent (10 to {most} allowed in {elapsed:.2} s), {limited} limited"
+    );
     assert_eq!(bob.sync_all().await.unwrap().len(), sent, "a limited frame stored a message");
 
     let mut mallory = mallory;
@@ -1097,6 +1104,9 @@ async fn a_connection_flood_gets_no_fourth_device_and_one_connection_per_device(
         device.list_chats().await.expect("still served");
     }
 
+    if courier_tests::moto_cannot_check("concurrent updates of one item in isolation") {
+        return;
+    }
     let same = (0..10).map(|_| server.try_connect("bob", "phone"));
     let mut clients: Vec<Client> = futures_util::future::join_all(same)
         .await
