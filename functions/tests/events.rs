@@ -364,8 +364,10 @@ async fn list_chats_lists_the_callers_chats() {
     let data = success("list-chats", &lambda::command(&w.courier, event("list-chats")).await);
     assert_eq!(
         data["chats"],
-        json!([{"chatId": chat.id.as_str(), "name": chat.name, "participants": ["alice", "bob"], "admins": ["alice"]}])
+        json!([{"chatId": chat.id.as_str(), "name": chat.name, "participants": ["alice", "bob"], "admins": ["alice"],
+                "encrypted": false}])
     );
+    assert_eq!(data["cursor"], json!(null), "one page holds them all");
 }
 
 #[tokio::test]
