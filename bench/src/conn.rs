@@ -12,7 +12,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -62,6 +62,38 @@ impl Ws {
         let (socket, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
             .await
             .context("WebSocket connect")?;
+        Ok(Ws { socket, next_request: 1 })
+    }
+
+    /// Connects like [`Ws::connect`] over a socket shaped like a slow client's
+    /// link: a receive buffer of `receive_buffer` bytes and a segment size of
+    /// `mss`, both set before the handshake. Loopback's 64 KiB segments make
+    /// the kernel give the server's side of a socket megabytes of send buffer
+    /// (it sizes it from segment size x initial window): a client that stops
+    /// reading would have megabytes swallowed before the server saw any
+    /// backpressure. An internet path's 1460 bytes makes that ~240 KB.
+    pub async fn connect_slow_link(
+        url: &str,
+        query: &str,
+        receive_buffer: u32,
+        mss: u32,
+    ) -> anyhow::Result<Ws> {
+        let authority = url.trim_start_matches("ws://").split('/').next().unwrap_or_default();
+        let addr = tokio::net::lookup_host(authority)
+            .await?
+            .next()
+            .with_context(|| format!("no address for {authority}"))?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_recv_buffer_size(receive_buffer)?;
+        socket2::SockRef::from(&socket).set_tcp_mss(mss)?;
+        let stream = socket.connect(addr).await.context("TCP connect")?;
+        stream.set_nodelay(true)?;
+        let url = format!("{}/?{query}", url.trim_end_matches('/'));
+        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        let (socket, _) =
+            tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(config))
+                .await
+                .context("WebSocket connect")?;
         Ok(Ws { socket, next_request: 1 })
     }
 
@@ -185,6 +217,15 @@ impl Tx {
         }
         Ok(())
     }
+
+    /// Sends one Courier command frame as it is (`ack`, `sync`...), answer unread.
+    pub async fn command(&mut self, frame: String) -> anyhow::Result<()> {
+        match self {
+            Tx::Ws(sink, _) => sink.send(Message::Text(frame.into())).await?,
+            Tx::Mqtt(_) => bail!("Courier commands go over WebSockets"),
+        }
+        Ok(())
+    }
 }
 
 /// The receiving half of a device.
@@ -198,26 +239,7 @@ impl Rx {
     /// The next thing that arrives; `None` once the connection is gone.
     pub async fn next(&mut self) -> Option<Incoming> {
         match self {
-            Rx::Ws(stream) => {
-                let message = stream.next().await?.ok()?;
-                let Message::Text(text) = message else {
-                    return match message {
-                        Message::Close(_) => None,
-                        _ => Some(Incoming::Other),
-                    };
-                };
-                let bytes = text.as_bytes();
-                // Order matters: a FAILURE never carries a body, a push never has a status.
-                Some(if let Some(at) = stats::sent_at(bytes) {
-                    Incoming::Delivery(at)
-                } else if contains(bytes, br#""status":"SUCCESS""#) {
-                    Incoming::Ack
-                } else if contains(bytes, br#""status":"FAILURE""#) {
-                    Incoming::Failure(text.to_string())
-                } else {
-                    Incoming::Other
-                })
-            }
+            Rx::Ws(stream) => Some(next_text(stream).await?.map_or(Incoming::Other, |text| classify(&text))),
             Rx::Mqtt(events) => match events.poll().await.ok()? {
                 // rumqttc acknowledges the publish itself (QoS 1 PUBACK) on a later poll.
                 Event::Incoming(Packet::Publish(publish)) => {
@@ -228,8 +250,64 @@ impl Rx {
             },
         }
     }
+
+    /// Like [`Rx::next`], for a Courier client that acks what it is pushed: a
+    /// delivery comes with its messageId. WebSockets only.
+    pub async fn next_acking(&mut self) -> Option<(Incoming, Option<String>)> {
+        let Rx::Ws(stream) = self else { return Some((self.next().await?, None)) };
+        let Some(text) = next_text(stream).await? else { return Some((Incoming::Other, None)) };
+        let incoming = classify(&text);
+        let id = matches!(incoming, Incoming::Delivery(_)).then(|| message_id(text.as_bytes())).flatten();
+        Some((incoming, id.map(str::to_owned)))
+    }
+}
+
+/// The next text frame; `Some(None)` for a frame that is not text, `None` once the socket is gone.
+async fn next_text(
+    stream: &mut SplitStream<Socket>,
+) -> Option<Option<tokio_tungstenite::tungstenite::Utf8Bytes>> {
+    match stream.next().await?.ok()? {
+        Message::Text(text) => Some(Some(text)),
+        Message::Close(_) => None,
+        _ => Some(None),
+    }
+}
+
+fn classify(text: &str) -> Incoming {
+    let bytes = text.as_bytes();
+    // Order matters: a FAILURE never carries a body, a push never has a status.
+    if let Some(at) = stats::sent_at(bytes) {
+        Incoming::Delivery(at)
+    } else if contains(bytes, br#""status":"SUCCESS""#) {
+        Incoming::Ack
+    } else if contains(bytes, br#""status":"FAILURE""#) {
+        Incoming::Failure(text.to_owned())
+    } else {
+        Incoming::Other
+    }
+}
+
+/// The `messageId` of a pushed message, found by scanning (see the module header).
+fn message_id(frame: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = br#""messageId":""#;
+    let start = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = frame[start..].iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&frame[start..start + len]).ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_is_acked_by_its_message_id() {
+        let push = r#"{"type":"newMessage","messageId":"01JDEVV0000000000000000000","chatId":"01J","message":"ts=42;xx"}"#;
+        assert!(matches!(classify(push), Incoming::Delivery(42)));
+        assert_eq!(message_id(push.as_bytes()), Some("01JDEVV0000000000000000000"));
+        assert_eq!(message_id(br#"{"type":"response","status":"SUCCESS"}"#), None);
+    }
 }

@@ -7,6 +7,7 @@ mod conn;
 mod report;
 mod scenarios;
 mod servers;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use stats::{Progress, Stats};
     about = "Load Courier (and, for reference, a bare relay and Mosquitto) and report latency, throughput, CPU and memory",
     after_help = "Examples:\n  courier-bench one-to-one --closed\n  courier-bench one-to-one --rate 2000 --target courier\n  \
                   courier-bench group --json group.json --plot group.svg\n  courier-bench backlog\n  courier-bench idle --connections 10000\n  \
+                  courier-bench soak --connections 2000 --slow-readers 20 --duration 60\n  \
                   courier-bench one-to-one --url ws://127.0.0.1:3001 --rate 100"
 )]
 struct Cli {
@@ -78,6 +80,40 @@ enum Scenario {
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
     },
+    /// Courier only: devices chatting and acking, plus slow readers that stop reading, for a bounded time; samples the server's RSS and open fds.
+    Soak {
+        /// Chatting devices, in chats of --members.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Clients that join chats, then never read their socket and keep sending `sync`.
+        #[arg(long, default_value_t = 100)]
+        slow_readers: usize,
+        /// Seconds of traffic, warm-up included (at most 3600: the soak always ends by itself).
+        #[arg(long, default_value_t = 360.0)]
+        duration: f64,
+        /// Seconds at the start that are sampled but not judged: SQLite's page cache (64 MiB for
+        /// the writer) takes about 3 minutes at 1,000 msgs/s to fill, and would read as growth.
+        #[arg(long, default_value_t = 180.0)]
+        warmup: f64,
+        /// Seconds between samples of the server's RSS and open fds.
+        #[arg(long, default_value_t = 5.0)]
+        interval: f64,
+        /// Messages a second sent in all by the chatting devices.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Members of each chat.
+        #[arg(long, default_value_t = 4)]
+        members: usize,
+        /// Chats each slow reader is in.
+        #[arg(long, default_value_t = 10)]
+        slow_chats: usize,
+        /// Seconds between a slow reader's unread `sync` requests.
+        #[arg(long, default_value_t = 0.5)]
+        sync_interval: f64,
+        /// SO_RCVBUF of a slow reader's socket, bytes (a small window: the server stalls soon).
+        #[arg(long, default_value_t = 16 * 1024)]
+        receive_buffer: u32,
+    },
 }
 
 #[derive(Args, Clone, Copy)]
@@ -128,6 +164,7 @@ impl Scenario {
             Scenario::Group { .. } => "group",
             Scenario::Backlog { .. } => "backlog",
             Scenario::Idle { .. } => "idle",
+            Scenario::Soak { .. } => "soak",
         }
     }
 
@@ -150,6 +187,10 @@ impl Scenario {
                 format!("backlog: {messages} messages to an offline device, then drained")
             }
             Scenario::Idle { connections, .. } => format!("idle: {connections} open connections"),
+            Scenario::Soak { connections, slow_readers, duration, rate, members, .. } => format!(
+                "soak: {connections} devices in chats of {members} at {rate} msgs/s in all, acking; \
+                 {slow_readers} slow readers; {duration} s"
+            ),
         }
     }
 
@@ -162,7 +203,9 @@ impl Scenario {
             }
             Scenario::Group { members, .. } => shape.members = *members,
             Scenario::Backlog { messages, .. } => shape.messages = *messages,
-            Scenario::Idle { connections, .. } => shape.connections = *connections,
+            Scenario::Idle { connections, .. } | Scenario::Soak { connections, .. } => {
+                shape.connections = *connections
+            }
         }
         shape
     }
@@ -206,6 +249,32 @@ impl Scenario {
             }
             Scenario::Idle { connections, hold } => {
                 scenarios::idle(server, p, stats, connections, secs(hold)).await
+            }
+            Scenario::Soak {
+                connections,
+                slow_readers,
+                duration,
+                warmup,
+                interval,
+                rate,
+                members,
+                slow_chats,
+                sync_interval,
+                receive_buffer,
+            } => {
+                let shape = soak::Shape {
+                    connections,
+                    members,
+                    rate,
+                    slow: slow_readers,
+                    slow_chats,
+                    sync_interval: secs(sync_interval),
+                    receive_buffer,
+                    duration: secs(duration),
+                    warmup: secs(warmup),
+                    interval: secs(interval),
+                };
+                soak::soak(server, p, stats, &shape).await
             }
         }
     }
@@ -267,6 +336,32 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     {
         bail!("a group has at least 2 members");
     }
+    if let Scenario::Soak { connections, duration, warmup, interval, rate, members, sync_interval, .. } =
+        cli.scenario
+    {
+        if cli.common.url.is_some() {
+            bail!(
+                "the soak reads the server's /proc: it runs against the courier-local it starts (no --url)"
+            );
+        }
+        if !targets.contains(&Target::Courier) {
+            bail!("the soak drives Courier only: --target courier");
+        }
+        if !(duration > 0.0 && duration <= 3600.0) {
+            bail!("--duration is 0 to 3600 seconds: the soak always ends by itself");
+        }
+        if !(0.0..duration).contains(&warmup) || interval <= 0.0 || interval > duration {
+            bail!("--warmup must be shorter than --duration, and --interval between 0 and --duration");
+        }
+        if members < 2 || connections < members || rate <= 0.0 || sync_interval <= 0.0 {
+            bail!("the soak needs --members 2 or more, at least that many --connections, and positive rates");
+        }
+    }
+    // The soak is Courier's alone: the references have no slow-client bound to soak.
+    let targets: Vec<Target> = match cli.scenario {
+        Scenario::Soak { .. } => vec![Target::Courier],
+        _ => targets,
+    };
     let common = &cli.common;
     let params =
         Params { secret: common.secret.clone(), size: common.size, concurrency: common.concurrency.max(1) };
@@ -305,8 +400,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(server) => {
                 let stats = Stats::new();
-                let progress =
-                    Progress::start(format!("{:<9} {}", target.name(), cli.scenario.name()), stats.clone());
+                // The soak prints its own rows as it samples.
+                let progress = (!matches!(cli.scenario, Scenario::Soak { .. })).then(|| {
+                    Progress::start(format!("{:<9} {}", target.name(), cli.scenario.name()), stats.clone())
+                });
                 let outcome = cli.scenario.run(&server, &params, stats).await;
                 drop(progress);
                 match outcome {
@@ -370,6 +467,22 @@ fn parameters(cli: &Cli) -> serde_json::Value {
         }),
         Scenario::Backlog { messages, window } => json!({ "messages": messages, "window": window }),
         Scenario::Idle { connections, hold } => json!({ "connections": connections, "hold": hold }),
+        Scenario::Soak {
+            connections,
+            slow_readers,
+            duration,
+            warmup,
+            interval,
+            rate,
+            members,
+            slow_chats,
+            sync_interval,
+            receive_buffer,
+        } => json!({
+            "connections": connections, "slow_readers": slow_readers, "duration": duration,
+            "warmup": warmup, "interval": interval, "rate": rate, "members": members,
+            "slow_chats": slow_chats, "sync_interval": sync_interval, "receive_buffer": receive_buffer,
+        }),
     };
     if let (Some(p), Some(s)) = (p.as_object_mut(), scenario.as_object()) {
         p.extend(s.clone());

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::servers::Target;
+use crate::soak::SoakResult;
 use crate::stats::{Latency, human};
 
 /// One target's figures for one scenario. Fields a scenario does not measure stay empty.
@@ -46,6 +47,8 @@ pub struct TargetResult {
     /// CPU used by everything else on the machine meanwhile (other builds, tests).
     pub other_cpu_percent: Option<f64>,
     pub notes: Vec<String>,
+    /// The soak's samples and verdict.
+    pub soak: Option<SoakResult>,
 }
 
 impl TargetResult {
@@ -150,6 +153,25 @@ fn columns(scenario: &str) -> Vec<Column> {
             ("drain ms", |r| opt(r.drain_ms, 1)),
             ("drained", |r| r.received.to_string()),
         ],
+        "soak" => vec![
+            ("connections", |r| r.connections.map_or("-".into(), |c| c.to_string())),
+            ("delivered/s", |r| r.delivered_per_s.map_or("-".into(), human)),
+            ("p50 ms", |r| lat(r, |l| l.p50_ms)),
+            ("p99 ms", |r| lat(r, |l| l.p99_ms)),
+            ("max ms", |r| lat(r, |l| l.max_ms)),
+            ("sent", |r| r.sent.to_string()),
+            ("undelivered", |r| r.undelivered.to_string()),
+            ("RSS MB 1st/3rd third", |r| {
+                let s = r.soak.as_ref();
+                format!(
+                    "{}/{}",
+                    opt(s.and_then(|s| s.rss_first_third_mb), 1),
+                    opt(s.and_then(|s| s.rss_last_third_mb), 1)
+                )
+            }),
+            ("fds max", |r| r.soak.as_ref().and_then(|s| s.fds_max).map_or("-".into(), |n| n.to_string())),
+            ("cut-offs", |r| r.soak.as_ref().map_or("-".into(), |s| s.cut_offs.to_string())),
+        ],
         "idle" => vec![
             ("connections", |r| r.connections.map_or("-".into(), |c| c.to_string())),
             ("connects/s", |r| r.connects_per_s.map_or("-".into(), human)),
@@ -223,6 +245,9 @@ pub fn text(report: &Report) -> String {
         }
         for note in &r.notes {
             let _ = writeln!(out, "{}: {note}", r.target);
+        }
+        if let Some(soak) = &r.soak {
+            out.push_str(&crate::soak::text(soak));
         }
     }
     if !report.ratios.is_empty() {
@@ -375,6 +400,11 @@ pub fn checks(scenario: &str, shape: &Shape, results: &[TargetResult]) -> Vec<Ch
                 met: drain <= 150.0 && courier.undelivered == 0,
                 caveat: size_caveat(format!("{} messages", shape.messages), "10000 messages"),
             });
+        }
+        "soak" => {
+            if let Some(soak) = &courier.soak {
+                checks.extend(crate::soak::checks(soak, courier));
+            }
         }
         "idle" => {
             if let Some(rss) = courier.rss_mb {

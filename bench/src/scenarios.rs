@@ -1,4 +1,4 @@
-//! The four loads, each run the same way against every target: one-to-one, group, backlog, idle.
+//! The four loads, each run the same way against every target: one-to-one, group, backlog, idle (the soak, Courier's alone, is in soak.rs).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,21 +25,21 @@ pub struct Params {
 }
 
 /// One device, connected but not yet split into halves.
-enum Device {
+pub enum Device {
     // Boxed, both: a device is a few hundred bytes and there may be 10,000.
     Ws(Box<Ws>),
     Mqtt(Box<Mqtt>),
 }
 
 impl Device {
-    fn split(self) -> (Tx, Rx) {
+    pub fn split(self) -> (Tx, Rx) {
         match self {
             Device::Ws(ws) => ws.split(),
             Device::Mqtt(mqtt) => mqtt.split(),
         }
     }
 
-    fn ws(&mut self) -> &mut Ws {
+    pub fn ws(&mut self) -> &mut Ws {
         match self {
             Device::Ws(ws) => ws,
             Device::Mqtt(_) => unreachable!("Courier devices are WebSockets"),
@@ -61,7 +61,7 @@ async fn open(server: &Server, p: &Params, name: &str, topic: Option<&str>) -> a
 }
 
 /// Opens `names`, a bounded number of handshakes at a time, in order.
-async fn open_all(
+pub async fn open_all(
     server: &Server,
     p: &Params,
     names: &[String],
@@ -86,7 +86,7 @@ async fn open_all(
 }
 
 /// A Courier chat of `creator` with `others`.
-async fn create_chat(creator: &mut Ws, others: &[String]) -> anyhow::Result<String> {
+pub async fn create_chat(creator: &mut Ws, others: &[String]) -> anyhow::Result<String> {
     let data = creator.call("createChat", json!({ "participants": others, "name": "bench" })).await?;
     data["chatId"].as_str().map(str::to_owned).context("createChat answered without chatId")
 }
@@ -105,7 +105,7 @@ async fn receive(who: usize, mut rx: Rx, stats: Arc<Stats>) {
 
 /// A connection the server closed mid-run (Courier cuts off a client whose
 /// outbox is full, for one) is an error, not a quiet loss.
-fn closed_early(stats: &Stats) {
+pub fn closed_early(stats: &Stats) {
     if !stats.stopped() {
         stats.error(|| "the server closed a connection during the run".into());
     }

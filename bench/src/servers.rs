@@ -1,8 +1,11 @@
 //! Starting and stopping the servers under test, and reading their CPU time and memory from /proc.
 
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -41,6 +44,60 @@ pub struct Server {
     child: Option<Child>,
     /// Data dir or config dir; removed when the server is dropped.
     _dir: Option<tempfile::TempDir>,
+    /// What the server logged that a run reports.
+    pub log: Arc<ServerLog>,
+}
+
+/// Courier's cut-offs of clients that cannot keep up, as its log reports
+/// them (protocol v2: past 1 MiB queued, or no write progress for 30 s).
+/// Read from the text of the warning, so best effort: the soak's own count
+/// is of the cut-offs its slow readers saw.
+#[derive(Debug, Default)]
+pub struct ServerLog {
+    pub cut_off_bytes: AtomicU64,
+    pub cut_off_stalled: AtomicU64,
+    pub cut_off_other: AtomicU64,
+}
+
+impl ServerLog {
+    /// Cut-off lines past this many are counted and not echoed: a soak makes hundreds.
+    const ECHOED: u64 = 3;
+
+    pub fn cut_offs(&self) -> u64 {
+        [&self.cut_off_bytes, &self.cut_off_stalled, &self.cut_off_other]
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Echoes the server's stderr on ours, counting its cut-off lines on the way.
+    fn follow(self: Arc<Self>, stderr: ChildStderr) {
+        let mut lines = std::io::BufReader::new(stderr);
+        let mut line = Vec::new();
+        while matches!(lines.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end();
+            if text.contains("client cut off") {
+                let counter = if text.contains("byte cap") {
+                    &self.cut_off_bytes
+                } else if text.contains("stalled") {
+                    &self.cut_off_stalled
+                } else {
+                    &self.cut_off_other
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let seen = self.cut_offs();
+                if seen <= Self::ECHOED {
+                    eprintln!("{text}");
+                } else if seen == Self::ECHOED + 1 {
+                    eprintln!("(further \"client cut off\" lines from the server are counted, not shown)");
+                }
+            } else {
+                eprintln!("{text}");
+            }
+            line.clear();
+        }
+    }
 }
 
 /// What `Server::start` needs to know.
@@ -52,7 +109,13 @@ pub struct Launch<'a> {
 impl Server {
     /// A Courier someone else runs: its CPU and memory are unknown to us.
     pub fn external(url: &str) -> Server {
-        Server { target: Target::Courier, endpoint: Endpoint::Ws(url.to_owned()), child: None, _dir: None }
+        Server {
+            target: Target::Courier,
+            endpoint: Endpoint::Ws(url.to_owned()),
+            child: None,
+            _dir: None,
+            log: Arc::default(),
+        }
     }
 
     pub fn start(target: Target, launch: &Launch) -> anyhow::Result<Server> {
@@ -89,12 +152,17 @@ impl Server {
                 c
             }
         };
-        let child = command
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", target.name()))?;
+        let log = Arc::<ServerLog>::default();
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || log.follow(stderr));
+        }
         let mut server = Server {
             target,
             endpoint: match target {
@@ -103,6 +171,7 @@ impl Server {
             },
             child: Some(child),
             _dir: Some(dir),
+            log,
         };
         server.wait_listening(port)?;
         Ok(server)
@@ -131,6 +200,26 @@ impl Server {
     /// The server's CPU time and memory now; `None` for a server we did not start.
     pub fn sample(&self) -> Option<Sample> {
         Sample::of(self.pid()?)
+    }
+
+    /// Bytes of the files in the server's data dir (Courier: its SQLite
+    /// database, WAL and blobs); `None` for a server we did not start.
+    pub fn data_bytes(&self) -> Option<u64> {
+        fn size(path: &Path) -> u64 {
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                    .map(|entries| entries.flatten().map(|e| size(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        Some(size(self._dir.as_ref()?.path()))
+    }
+
+    /// How many file descriptors the server holds open now; `None` for a server we did not start.
+    pub fn open_fds(&self) -> Option<u64> {
+        Some(std::fs::read_dir(format!("/proc/{}/fd", self.pid()?)).ok()?.count() as u64)
     }
 
     /// Stops the server: SIGTERM, then SIGKILL after 5 s.
@@ -225,6 +314,11 @@ pub struct Sample {
     at: Instant,
     cpu_seconds: f64,
     pub rss_kb: u64,
+    /// The parts of `rss_kb`: anonymous memory (the heap: what a leak grows),
+    /// and pages of mapped files and shared memory (Courier maps its SQLite
+    /// database, so these grow with the data it reads).
+    pub rss_anon_kb: u64,
+    pub rss_file_kb: u64,
     pub peak_rss_kb: u64,
 }
 
@@ -242,6 +336,8 @@ impl Sample {
             at: Instant::now(),
             cpu_seconds: cpu_seconds(pid)?,
             rss_kb: kb("VmRSS:"),
+            rss_anon_kb: kb("RssAnon:"),
+            rss_file_kb: kb("RssFile:") + kb("RssShmem:"),
             peak_rss_kb: kb("VmHWM:"),
         })
     }
@@ -261,6 +357,7 @@ impl Sample {
 /// one instant; two of them give each one's share of a window.
 #[derive(Clone, Copy, Debug)]
 pub struct Probe {
+    at: Instant,
     pub server: Option<Sample>,
     bench: Option<Sample>,
     /// When, and the machine's busy CPU seconds from /proc/stat.
@@ -279,10 +376,15 @@ pub struct Usage {
 impl Probe {
     pub fn take(server: &Server) -> Probe {
         Probe {
+            at: Instant::now(),
             server: server.sample(),
             bench: Sample::self_now(),
             machine: machine_busy().map(|b| (Instant::now(), b)),
         }
+    }
+
+    pub fn seconds_since(&self, earlier: &Probe) -> f64 {
+        self.at.duration_since(earlier.at).as_secs_f64()
     }
 
     pub fn usage(&self, later: &Probe) -> Usage {
