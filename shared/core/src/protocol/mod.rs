@@ -375,10 +375,13 @@ pub fn failure(action: &str, request_id: Option<String>, code: ErrorCode, mut me
     .expect("error frame serializes")
 }
 
-/// Encodes a `newMessage` push from a message's stored JSON, without re-parsing it.
-pub fn new_message_frame(message_json: &str) -> String {
-    debug_assert!(message_json.starts_with('{'));
-    format!(r#"{{"type":"newMessage",{}"#, &message_json[1..])
+/// Encodes a `newMessage` push from a message's stored JSON, without
+/// re-parsing it: `None` unless that JSON opens an object with a member. A
+/// Deliver job carries the JSON in its body, and a queue delivers whatever
+/// was sent to it.
+pub fn new_message_frame(message_json: &str) -> Option<String> {
+    let members = message_json.strip_prefix('{').filter(|rest| rest.trim_start().starts_with('"'))?;
+    Some(format!(r#"{{"type":"newMessage",{members}"#))
 }
 
 pub fn chat_update_frame(update: &ChatUpdate) -> String {
@@ -414,13 +417,17 @@ mod tests {
             attachments: vec![],
             timestamp: 5,
         };
-        let push = new_message_frame(&serde_json::to_string(&msg).unwrap());
+        let push = new_message_frame(&serde_json::to_string(&msg).unwrap()).unwrap();
         assert_eq!(
             push,
             r#"{"type":"newMessage","messageId":"M","chatId":"C","userId":"u","deviceId":"d","message":"hi","attachments":[],"timestamp":5}"#
         );
         let parsed: ServerFrame = serde_json::from_str(&push).unwrap();
         assert!(matches!(parsed, ServerFrame::NewMessage(m) if m == msg));
+        // A job's body is not trusted to hold an object (fuzz/regressions/sqs_event/).
+        for json in ["", r#"!"messageId":"M"}"#, "{}", "{ }", "\u{e9}{", "[1]"] {
+            assert_eq!(new_message_frame(json), None, "{json}");
+        }
     }
 
     #[test]

@@ -134,7 +134,8 @@ impl Courier {
     }
 
     async fn push_message(&self, message_json: &str, targets: &[PushTarget]) -> Result<()> {
-        let frame = crate::protocol::new_message_frame(message_json);
+        let frame = crate::protocol::new_message_frame(message_json)
+            .ok_or_else(|| Error::internal("a message to push that is no JSON object"))?;
         self.push_all(targets.iter().map(|t| &t.connection_id), &frame).await
     }
 
