@@ -6,25 +6,12 @@ use std::time::Duration;
 
 use courier_local::Config;
 use courier_tests::client::Client;
-use courier_tests::{ErrorCode, Server, WAIT, code, http, put_upload, sha256_hex, upload};
+use courier_tests::{ErrorCode, Server, WAIT, code, http, put_upload, sha256_hex, upload, with_param};
 use serde_json::{Value, json};
 
 /// Some bytes that are not text: every byte value, a few times.
 fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 256) as u8).collect()
-}
-
-/// `url` with its query parameter `key` set to `value`.
-fn with_param(url: &str, key: &str, value: &str) -> String {
-    let (base, query) = url.split_once('?').expect("a signed URL has a query");
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k == key => format!("{k}={value}"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", query.join("&"))
 }
 
 fn param(url: &str, key: &str) -> String {

@@ -16,7 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use courier_core::ratelimit::RateLimit;
 use courier_tests::client::{Client, ConnectError};
-use courier_tests::{ErrorCode, QUIET, Server, WAIT, code, http, put_upload, sha256_hex, upload};
+use courier_tests::{ErrorCode, QUIET, Server, WAIT, code, http, put_upload, sha256_hex, upload, with_param};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -492,19 +492,6 @@ async fn acking_another_devices_messages_leaves_that_inbox_alone() {
 }
 
 // ------------------------------------------------------------------ blob URLs
-
-/// `url` with the query parameter `key` set to `value`.
-fn with_param(url: &str, key: &str, value: &str) -> String {
-    let (base, query) = url.split_once('?').expect("a signed URL has a query");
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if k == key => format!("{k}={value}"),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", query.join("&"))
-}
 
 fn query_of(url: &str) -> &str {
     url.split_once('?').expect("a query").1
