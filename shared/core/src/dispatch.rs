@@ -41,6 +41,31 @@ pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option
         Command::ListChats(c) => answer(to_value(courier.list_chats(caller, c).await)),
         Command::Sync(c) => answer(to_value(courier.sync(caller, c).await)),
         Command::Ack(c) => answer(to_value(courier.ack(caller, c).await)),
+        Command::UploadKeys(c) => answer(to_value(courier.upload_keys(caller, c).await)),
+        Command::GetKeys(c) => answer(to_value(courier.get_keys(caller, c).await)),
+        Command::ListDevices(c) => answer(to_value(courier.list_devices(caller, c).await)),
+        Command::SendToDevices(c) => answer(to_value(courier.send_to_devices(caller, c).await)),
+        Command::MarkRead(c) => answer(to_value(courier.mark_read(caller, c).await)),
+        Command::GetReceipts(c) => answer(to_value(courier.get_receipts(caller, c).await)),
+        Command::Typing(c) => answer(to_value(courier.typing(caller, c).await)),
+        Command::DeleteAccount(_) => match courier.delete_account(caller).await {
+            // The caller's own connection is closed with the rest; the
+            // answer goes out first where it still can.
+            Ok(own) => {
+                let frame = protocol::success(action, id, &protocol::Empty {});
+                let push = &courier.ports().push;
+                if let Err(e) = push.post(&caller.connection, &frame).await {
+                    tracing::debug!(error = %e, "answering deleteAccount failed");
+                }
+                for connection in own {
+                    if let Err(e) = push.close(&connection).await {
+                        tracing::warn!(error = %e, "closing a deleted account's connection failed");
+                    }
+                }
+                None
+            }
+            Err(e) => answer(Err(e)),
+        },
         Command::RemoveDevice(c) => match courier.remove_device(caller, &c.device_id).await {
             Ok(None) => answer(Ok(empty())),
             // Removing the device that asks closes this very connection:
@@ -84,6 +109,9 @@ fn respond(action: &str, request_id: Option<String>, result: Outcome) -> String 
 pub fn error_frame(action: &str, request_id: Option<String>, error: &Error) -> String {
     if matches!(error, Error::Internal(_) | Error::Unavailable(_)) {
         tracing::error!(action, error = %error, source = ?std::error::Error::source(error), "command failed");
+    }
+    if let Error::MismatchedDevices(devices) = error {
+        return protocol::mismatched_devices(action, request_id, devices);
     }
     protocol::failure(action, request_id, error.code(), error.client_message())
 }

@@ -35,6 +35,21 @@ pub struct Limits {
     /// Daily quotas per user (see `ports::Quota`).
     pub max_pending_bytes_per_day: u64,
     pub max_attachment_bytes_per_day: u64,
+    /// The key directory (protocol version 2).
+    pub max_one_time_keys: usize,
+    pub max_one_time_keys_per_upload: usize,
+    pub max_identity_key_chars: usize,
+    pub max_key_chars: usize,
+    pub max_key_id_chars: usize,
+    /// One-time prekeys a calling device may claim per hour, of one target
+    /// device and in all.
+    pub max_claims_per_target_per_hour: u64,
+    pub max_claims_per_hour: u64,
+    /// A device left with fewer one-time prekeys than this is told `keysLow`.
+    pub keys_low_below: u64,
+    pub max_device_messages: usize,
+    /// typing frames from one device to one chat closer together than this are dropped.
+    pub typing_interval_ms: Millis,
 }
 
 impl Default for Limits {
@@ -59,6 +74,16 @@ impl Default for Limits {
             max_pending_bytes_per_day: 20 * 1024 * 1024,
             // Twenty full-size videos a day.
             max_attachment_bytes_per_day: 2 * 1024 * 1024 * 1024,
+            max_one_time_keys: 200,
+            max_one_time_keys_per_upload: 100,
+            max_identity_key_chars: 64,
+            max_key_chars: 2048,
+            max_key_id_chars: 64,
+            max_claims_per_target_per_hour: 5,
+            max_claims_per_hour: 600,
+            keys_low_below: 10,
+            max_device_messages: 100,
+            typing_interval_ms: 1000,
         }
     }
 }
@@ -80,6 +105,9 @@ pub struct Chat {
     pub created_at: Millis,
     /// Bumped by every change, for optimistic concurrency in the stores.
     pub version: u64,
+    /// End-to-end encrypted: fixed at creation; messages go to ready devices only.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 impl Chat {
@@ -135,8 +163,7 @@ impl Chat {
             name: self.name.clone(),
             participants: self.participants(),
             admins: self.admins.clone(),
-            // No chat is encrypted until encrypted chats exist (protocol version 2).
-            encrypted: false,
+            encrypted: self.encrypted,
         }
     }
 
@@ -219,6 +246,7 @@ mod tests {
             admins: vec![user(users[0])],
             created_at: 1,
             version: 0,
+            encrypted: false,
         }
     }
 

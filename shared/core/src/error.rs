@@ -21,6 +21,10 @@ pub enum Error {
     LimitExceeded(String),
     #[error("rate limit reached: {0}")]
     RateLimited(String),
+    /// The devices an encrypted send or a device message named are not the
+    /// server's; carries the current recipient devices.
+    #[error("the recipient devices have changed")]
+    MismatchedDevices(Vec<crate::protocol::RecipientDevice>),
     /// A dependency failed in a way a retry may cure (throttling, 5xx, a lost race).
     #[error("temporarily unavailable: {0}")]
     Unavailable(#[source] BoxError),
@@ -48,6 +52,7 @@ impl Error {
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
             Error::RateLimited(_) => ErrorCode::RateLimited,
+            Error::MismatchedDevices(_) => ErrorCode::MismatchedDevices,
             Error::Unavailable(_) | Error::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -55,8 +55,8 @@ pub trait DeviceStore: Send + Sync {
     async fn devices_of(&self, users: &[UserId], expired_before: Millis) -> Result<Vec<Device>>;
     /// Deletes the device and its inbox. Returns it if it existed.
     async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>>;
-    /// Deletes devices unseen since `before`, with their inboxes. Returns how many.
-    async fn expire_devices(&self, before: Millis) -> Result<u64>;
+    /// Deletes devices unseen since `before`, with their inboxes. Returns them.
+    async fn expire_devices(&self, before: Millis) -> Result<Vec<Device>>;
 }
 
 /// A message as stored until its fan-out is done. `json` is the wire form
@@ -116,8 +116,22 @@ pub trait MessageStore: Send + Sync {
         limit: usize,
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>>;
-    /// Deletes these ids from one inbox; returns how many were there.
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64>;
+    /// Stores one inbox row per item under one message id (a `sendToDevices`
+    /// batch; each item is the row's wire JSON), or finds the earlier batch
+    /// with the same dedupe key and returns its id. Dedupe keys of device
+    /// messages are a namespace of their own, apart from any chat's.
+    async fn store_device_messages(
+        &self,
+        id: &MessageId,
+        items: &[(InboxKey, String)],
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Option<MessageId>>;
+    /// Deletes these ids from one inbox; returns the rows that were there
+    /// (id and wire JSON), so the caller can move receipt markers.
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>>;
+    /// Deletes a user's pending inbox (rows kept for a user with no device yet).
+    async fn drop_pending(&self, user: &UserId) -> Result<()>;
     /// Moves a user's pending rows into the inbox of their first device.
     async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64>;
     /// Deletes inbox rows and message rows past retention. Returns how many rows.
@@ -143,6 +157,119 @@ pub trait AttachmentStore: Send + Sync {
     async fn link(&self, ids: &[AttachmentId], chat: &ChatId) -> Result<()>;
     /// The chats in which a message carried the attachment.
     async fn chats_of_attachment(&self, id: &AttachmentId) -> Result<Vec<ChatId>>;
+    /// Deletes every attachment the user uploaded (deleteAccount) and returns them,
+    /// so their blobs can go too. Found by an index on the uploader, never a scan.
+    async fn remove_attachments_of(&self, uploader: &UserId) -> Result<Vec<Attachment>>;
+}
+
+/// A key and its signature, as the client encoded them (the server checks sizes only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignedKey {
+    pub key_id: String,
+    pub public_key: String,
+    pub signature: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OneTimeKey {
+    pub key_id: String,
+    pub public_key: String,
+}
+
+/// What one `uploadKeys` asks to store; the service has checked sizes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyUpload {
+    pub identity_key: Option<String>,
+    pub signed_pre_key: Option<SignedKey>,
+    pub one_time_pre_keys: Vec<OneTimeKey>,
+    pub fallback_key: Option<SignedKey>,
+}
+
+/// The published keys of a ready device (one with an identity key and a signed prekey).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceKeys {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub identity_key: String,
+    pub signed_pre_key: SignedKey,
+    pub fallback_key: Option<SignedKey>,
+}
+
+/// What `KeyStore::upload` did. Anything but `Stored` stored nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uploaded {
+    /// `one_time_keys` is the device's count now; `became_ready` is true
+    /// when this upload made the device ready.
+    Stored { one_time_keys: u64, became_ready: bool },
+    /// The device has no keys yet and the upload lacks the identity key or the signed prekey.
+    NotReady,
+    /// The device's identity key is another one.
+    IdentityMismatch,
+    /// The new one-time prekeys would take the count past the limit.
+    TooManyOneTimeKeys,
+}
+
+/// The key directory: per device an identity key, a signed prekey, a
+/// fallback key and a bounded set of one-time prekeys, each of which is
+/// handed out at most once, whatever the concurrency.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Stores an upload as one atomic change (see [`Uploaded`]). One-time
+    /// prekeys whose keyId is already stored are ignored and do not count.
+    async fn upload_keys(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        upload: &KeyUpload,
+        max_one_time_keys: usize,
+    ) -> Result<Uploaded>;
+    /// The ready devices of these users (device liveness is the caller's business).
+    async fn device_keys(&self, users: &[UserId]) -> Result<Vec<DeviceKeys>>;
+    /// How many one-time prekeys the device has stored.
+    async fn one_time_key_count(&self, user: &UserId, device: &DeviceId) -> Result<u64>;
+    /// Removes one one-time prekey of the device and returns it, with how
+    /// many are left; `None` when none is left. Two claims never get the same key.
+    async fn claim_one_time_key(&self, user: &UserId, device: &DeviceId)
+    -> Result<(Option<OneTimeKey>, u64)>;
+    /// Counts `amount` claims by `claimer` against `limit` for the hour
+    /// `hour` (hours since the epoch) under `scope` (a target device's
+    /// inbox key, or `*` for all targets); refuses, changing nothing, what
+    /// would pass the limit. Old hours' counters expire by themselves.
+    async fn count_claims(
+        &self,
+        claimer: &InboxKey,
+        scope: &str,
+        hour: i64,
+        amount: u64,
+        limit: u64,
+    ) -> Result<bool>;
+    /// Deletes every key of the device.
+    async fn remove_keys(&self, user: &UserId, device: &DeviceId) -> Result<()>;
+}
+
+/// One participant's receipt markers in one chat: messageIds that only move forward.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Markers {
+    pub delivered: Option<MessageId>,
+    pub read: Option<MessageId>,
+    /// Read by `markRead {private: true}` too; only the user's own devices see it.
+    pub private_read: Option<MessageId>,
+}
+
+/// Receipt markers per (chat, participant).
+#[async_trait]
+pub trait ReceiptStore: Send + Sync {
+    /// Moves each marker given in `to` forward to it (a marker already at or
+    /// past it stays), atomically against racing moves. Returns the markers
+    /// as they now stand if any moved, `None` if none did.
+    async fn advance(&self, chat: &ChatId, user: &UserId, to: &Markers) -> Result<Option<Markers>>;
+    /// Every marker set in the chat; may include former participants (the
+    /// caller filters by the chat's members).
+    async fn receipts(&self, chat: &ChatId) -> Result<Vec<(UserId, Markers)>>;
+    /// Forgets the user's markers in the chat (they left it).
+    async fn remove_receipts(&self, chat: &ChatId, user: &UserId) -> Result<()>;
 }
 
 /// A daily quota on what one user can make the server store.
@@ -188,6 +315,8 @@ pub trait Blobs: Send + Sync {
     async fn presign_download(&self, attachment: &Attachment, expires_at: Millis) -> Result<Presigned>;
     /// Whether the upload completed (with the declared size and hash).
     async fn uploaded(&self, attachment: &Attachment) -> Result<bool>;
+    /// Deletes the stored bytes, if any.
+    async fn delete(&self, attachment: &Attachment) -> Result<()>;
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
+pub use crate::ports::{OneTimeKey, SignedKey};
 
 mod request;
 
@@ -21,10 +22,18 @@ pub enum Action {
     Sync,
     Ack,
     RemoveDevice,
+    UploadKeys,
+    GetKeys,
+    ListDevices,
+    SendToDevices,
+    MarkRead,
+    GetReceipts,
+    Typing,
+    DeleteAccount,
 }
 
 impl Action {
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 17] = [
         Action::CreateChat,
         Action::SendMessage,
         Action::CreateAttachment,
@@ -34,6 +43,14 @@ impl Action {
         Action::Sync,
         Action::Ack,
         Action::RemoveDevice,
+        Action::UploadKeys,
+        Action::GetKeys,
+        Action::ListDevices,
+        Action::SendToDevices,
+        Action::MarkRead,
+        Action::GetReceipts,
+        Action::Typing,
+        Action::DeleteAccount,
     ];
 
     /// The name on the wire, which is also the API Gateway route key.
@@ -48,6 +65,14 @@ impl Action {
             Action::Sync => "sync",
             Action::Ack => "ack",
             Action::RemoveDevice => "removeDevice",
+            Action::UploadKeys => "uploadKeys",
+            Action::GetKeys => "getKeys",
+            Action::ListDevices => "listDevices",
+            Action::SendToDevices => "sendToDevices",
+            Action::MarkRead => "markRead",
+            Action::GetReceipts => "getReceipts",
+            Action::Typing => "typing",
+            Action::DeleteAccount => "deleteAccount",
         }
     }
 
@@ -67,6 +92,8 @@ pub enum ErrorCode {
     LimitExceeded,
     RateLimited,
     Internal,
+    /// An encrypted send's device list is not the server's (protocol version 2).
+    MismatchedDevices,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +126,14 @@ pub enum Command {
     Sync(Sync),
     Ack(Ack),
     RemoveDevice(RemoveDevice),
+    UploadKeys(UploadKeys),
+    GetKeys(GetKeys),
+    ListDevices(ListDevices),
+    SendToDevices(SendToDevices),
+    MarkRead(MarkRead),
+    GetReceipts(GetReceipts),
+    Typing(Typing),
+    DeleteAccount(DeleteAccount),
 }
 
 impl Command {
@@ -113,6 +148,14 @@ impl Command {
             Command::Sync(_) => Action::Sync,
             Command::Ack(_) => Action::Ack,
             Command::RemoveDevice(_) => Action::RemoveDevice,
+            Command::UploadKeys(_) => Action::UploadKeys,
+            Command::GetKeys(_) => Action::GetKeys,
+            Command::ListDevices(_) => Action::ListDevices,
+            Command::SendToDevices(_) => Action::SendToDevices,
+            Command::MarkRead(_) => Action::MarkRead,
+            Command::GetReceipts(_) => Action::GetReceipts,
+            Command::Typing(_) => Action::Typing,
+            Command::DeleteAccount(_) => Action::DeleteAccount,
         }
     }
 }
@@ -144,6 +187,8 @@ impl From<RequestId> for String {
 pub struct CreateChat {
     pub participants: Vec<UserId>,
     pub name: String,
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +200,9 @@ pub struct SendMessage {
     pub attachments: Vec<AttachmentId>,
     #[serde(default)]
     pub client_message_id: Option<String>,
+    /// In an encrypted chat, the digest of the recipient devices as the sender sees them.
+    #[serde(default)]
+    pub devices: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,7 +265,146 @@ pub struct RemoveDevice {
     pub device_id: DeviceId,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadKeys {
+    #[serde(default)]
+    pub identity_key: Option<String>,
+    #[serde(default)]
+    pub signed_pre_key: Option<SignedKey>,
+    #[serde(default)]
+    pub one_time_pre_keys: Vec<OneTimeKey>,
+    #[serde(default)]
+    pub fallback_key: Option<SignedKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetKeys {
+    pub user_id: UserId,
+    #[serde(default)]
+    pub device_id: Option<DeviceId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListDevices {
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendToDevices {
+    pub messages: Vec<DeviceMessageOut>,
+    #[serde(default)]
+    pub client_message_id: Option<String>,
+}
+
+/// One item of `sendToDevices`: a body for one device.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceMessageOut {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub body: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MarkRead {
+    pub chat_id: ChatId,
+    pub up_to: String,
+    #[serde(default)]
+    pub private: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetReceipts {
+    pub chat_id: ChatId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TypingState {
+    Start,
+    Stop,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Typing {
+    pub chat_id: ChatId,
+    pub state: TypingState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DeleteAccount {}
+
 // ---- results (the `data` of a SUCCESS) ----
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeysStored {
+    pub one_time_pre_keys: u64,
+}
+
+/// One device's keys as `getKeys` hands them out.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyBundle {
+    pub device_id: DeviceId,
+    pub identity_key: String,
+    pub signed_pre_key: SignedKey,
+    pub one_time_pre_key: Option<OneTimeKey>,
+    pub fallback_key: Option<SignedKey>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KeyBundles {
+    pub devices: Vec<KeyBundle>,
+}
+
+/// A ready device as `listDevices` and `deviceList` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceIdentity {
+    pub device_id: DeviceId,
+    pub identity_key: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceIdentities {
+    pub devices: Vec<DeviceIdentity>,
+}
+
+/// A recipient device as the device check names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecipientDevice {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub identity_key: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicesSent {
+    pub message_id: MessageId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Receipt {
+    pub user_id: UserId,
+    pub delivered: Option<MessageId>,
+    pub read: Option<MessageId>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Receipts {
+    pub receipts: Vec<Receipt>,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -310,6 +497,9 @@ pub struct Message {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// With MISMATCHED_DEVICES: the recipient devices as the server sees them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<RecipientDevice>>,
 }
 
 /// A response to one command.
@@ -333,6 +523,75 @@ pub enum ServerFrame<D = Box<RawValue>> {
     Response(Response<D>),
     NewMessage(Message),
     ChatUpdate(ChatUpdate),
+    DeviceMessage(DeviceMessage),
+    Receipt(ReceiptPush),
+    Typing(TypingPush),
+    DeviceList(DeviceList),
+    KeysLow(KeysLow),
+}
+
+/// A message for one device (`sendToDevices`), as pushed and synced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceMessage {
+    pub message_id: MessageId,
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub body: String,
+    pub timestamp: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiptPush {
+    pub chat_id: ChatId,
+    pub user_id: UserId,
+    pub delivered: Option<MessageId>,
+    pub read: Option<MessageId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypingPush {
+    pub chat_id: ChatId,
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub state: TypingState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceList {
+    pub user_id: UserId,
+    pub devices: Vec<DeviceIdentity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysLow {
+    pub remaining: u64,
+}
+
+/// Encodes a push frame.
+pub fn push_frame(frame: ServerFrame<()>) -> String {
+    serde_json::to_string(&frame).expect("push frames serialise")
+}
+
+/// The form a stored device message takes: its `deviceMessage` push frame,
+/// which is also what sync returns for it.
+pub fn device_message_json(message: &DeviceMessage) -> String {
+    push_frame(ServerFrame::DeviceMessage(message.clone()))
+}
+
+/// The push frame, which is also the sync item, of a stored inbox row:
+/// device messages are stored with their `type`; chat messages (stored as
+/// the bare Message object) get `"type":"newMessage"` put in front. `None`
+/// for a row that is no JSON object.
+pub fn stored_frame(stored: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if stored.starts_with(r#"{"type":"#) {
+        Some(std::borrow::Cow::Borrowed(stored))
+    } else {
+        new_message_frame(stored).map(std::borrow::Cow::Owned)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,7 +629,24 @@ pub fn failure(action: &str, request_id: Option<String>, code: ErrorCode, mut me
         request_id,
         status: Status::Failure,
         data: None,
-        error: Some(ErrorBody { code, message }),
+        error: Some(ErrorBody { code, message, devices: None }),
+    }))
+    .expect("error frame serializes")
+}
+
+/// Encodes the FAILURE of an encrypted send whose device list is stale,
+/// carrying the current one.
+pub fn mismatched_devices(action: &str, request_id: Option<String>, devices: &[RecipientDevice]) -> String {
+    serde_json::to_string(&ServerFrame::<()>::Response(Response {
+        action: action.to_owned(),
+        request_id,
+        status: Status::Failure,
+        data: None,
+        error: Some(ErrorBody {
+            code: ErrorCode::MismatchedDevices,
+            message: "the recipient devices have changed".to_owned(),
+            devices: Some(devices.to_vec()),
+        }),
     }))
     .expect("error frame serializes")
 }

@@ -65,6 +65,14 @@ fn read_command<'de, D: Deserializer<'de>>(action: Action, fields: D) -> Result<
         Action::Sync => Command::Sync(Deserialize::deserialize(fields)?),
         Action::Ack => Command::Ack(Deserialize::deserialize(fields)?),
         Action::RemoveDevice => Command::RemoveDevice(Deserialize::deserialize(fields)?),
+        Action::UploadKeys => Command::UploadKeys(Deserialize::deserialize(fields)?),
+        Action::GetKeys => Command::GetKeys(Deserialize::deserialize(fields)?),
+        Action::ListDevices => Command::ListDevices(Deserialize::deserialize(fields)?),
+        Action::SendToDevices => Command::SendToDevices(Deserialize::deserialize(fields)?),
+        Action::MarkRead => Command::MarkRead(Deserialize::deserialize(fields)?),
+        Action::GetReceipts => Command::GetReceipts(Deserialize::deserialize(fields)?),
+        Action::Typing => Command::Typing(Deserialize::deserialize(fields)?),
+        Action::DeleteAccount => Command::DeleteAccount(Deserialize::deserialize(fields)?),
     })
 }
 

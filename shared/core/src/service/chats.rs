@@ -54,6 +54,7 @@ impl Courier {
             admins: vec![caller.user.clone()],
             created_at: now,
             version: 0,
+            encrypted: cmd.encrypted,
         };
         self.ports.chats.create_chat(&chat).await?;
         self.announce(&chat, &[]).await;
@@ -87,6 +88,11 @@ impl Courier {
                 return Ok(Participants { participants: before });
             }
             if self.ports.chats.update_chat(&chat, expected).await? {
+                if cmd.operation == Operation::Remove
+                    && let Err(e) = self.ports.receipts.remove_receipts(&chat.id, &cmd.user_id).await
+                {
+                    tracing::warn!(chat = %chat.id, error = %e, "forgetting a leaver's receipts failed");
+                }
                 self.announce(&chat, &before).await;
                 return Ok(Participants { participants: chat.participants() });
             }

@@ -51,6 +51,17 @@ impl Courier {
     pub async fn remove_device(&self, caller: &Caller, device: &DeviceId) -> Result<Option<ConnectionId>> {
         let removed = self.ports.devices.remove_device(&caller.user, device).await?;
         let removed = removed.ok_or_else(|| Error::NotFound("you have no such device".into()))?;
+        let was_ready = self
+            .ports
+            .keys
+            .device_keys(std::slice::from_ref(&caller.user))
+            .await?
+            .iter()
+            .any(|k| &k.device == device);
+        self.ports.keys.remove_keys(&caller.user, device).await?;
+        if was_ready {
+            self.announce_devices(&caller.user, None).await;
+        }
         match removed.connection {
             Some(connection) if connection == caller.connection => Ok(Some(connection)),
             Some(connection) => {

@@ -9,7 +9,7 @@ use super::Courier;
 use crate::domain::{Caller, Device, InboxKey};
 use crate::error::{Error, Result};
 use crate::ids::{AttachmentId, ChatId, MessageId, UserId};
-use crate::ports::{DedupeKey, Job, PushTarget, Quota, Store, StoredMessage};
+use crate::ports::{Job, PushTarget, Quota, Store, StoredMessage};
 use crate::protocol::{Ack, Acked, Message, MessageSent, SendMessage, Sync, SyncPage};
 
 /// Connections per delivery job; small enough that one job's retry repeats little.
@@ -33,27 +33,23 @@ impl Courier {
                 self.limits.max_attachments
             )));
         }
-        let dedupe = match cmd.client_message_id {
-            Some(id) if id.is_empty() => {
-                return Err(Error::BadRequest("clientMessageId must not be empty".into()));
-            }
-            Some(id) if id.chars().count() > 64 => {
-                return Err(Error::LimitExceeded("clientMessageId is at most 64 characters".into()));
-            }
-            Some(id) => Some(DedupeKey {
-                user: caller.user.clone(),
-                device: caller.device.clone(),
-                client_message_id: id,
-            }),
-            None => None,
-        };
+        let dedupe = self.dedupe_key(caller, cmd.client_message_id)?;
         let chat = self.member_chat(caller, &cmd.chat_id).await?;
         self.check_attachments(caller, &cmd.attachments).await?;
 
         let now = self.now();
         let participants = chat.participants();
-        let devices = self.live_devices(&participants, now).await?;
-        let recipients = recipients(caller, &participants, &devices);
+        let (devices, recipients) = if chat.encrypted {
+            // Ready devices only, checked against the sender's view; no pending inbox.
+            let devices =
+                self.encrypted_recipients(caller, &participants, cmd.devices.as_deref(), now).await?;
+            let recipients = devices.iter().map(Device::inbox).collect();
+            (devices, recipients)
+        } else {
+            let devices = self.live_devices(&participants, now).await?;
+            let recipients = recipients(caller, &participants, &devices);
+            (devices, recipients)
+        };
         let message = Message {
             message_id: self.ids.message(now),
             chat_id: chat.id.clone(),
@@ -133,8 +129,9 @@ impl Courier {
         }
     }
 
+    /// Pushes a stored message (a chat message or a device message) to these connections.
     async fn push_message(&self, message_json: &str, targets: &[PushTarget]) -> Result<()> {
-        let frame = crate::protocol::new_message_frame(message_json)
+        let frame = crate::protocol::stored_frame(message_json)
             .ok_or_else(|| Error::internal("a message to push that is no JSON object"))?;
         self.push_all(targets.iter().map(|t| &t.connection_id), &frame).await
     }
@@ -223,8 +220,13 @@ impl Courier {
             {
                 break;
             }
-            bytes += json.len() + 1;
-            messages.push(serde_json::value::RawValue::from_string(json.clone()).map_err(Error::internal)?);
+            let Some(item) = crate::protocol::stored_frame(json) else {
+                tracing::error!(message = %id, "an inbox row that is no JSON object");
+                continue;
+            };
+            bytes += item.len() + 1;
+            messages
+                .push(serde_json::value::RawValue::from_string(item.into_owned()).map_err(Error::internal)?);
             last = Some(id);
         }
         let cursor = if messages.len() < rows.len() { last.map(|id| id.to_string()) } else { None };
@@ -250,7 +252,8 @@ impl Courier {
             )));
         }
         let acked = self.ports.messages.ack(&caller.inbox(), &ids).await?;
-        Ok(Acked { acked })
+        self.delivered(caller, &acked).await;
+        Ok(Acked { acked: acked.len() as u64 })
     }
 }
 

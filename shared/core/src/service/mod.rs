@@ -1,18 +1,24 @@
 //! The domain services: one method per command, over the ports, shared by every shape.
 
+mod account;
 mod attachments;
 mod chats;
 mod devices;
+mod keys;
 mod messages;
+mod receipts;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use crate::domain::{Device, Limits, Millis};
-use crate::error::Result;
-use crate::ids::{ConnectionId, IdGen, UserId};
+pub use keys::devices_digest;
+
+use crate::domain::{Caller, Device, InboxKey, Limits, Millis};
+use crate::error::{Error, Result};
+use crate::ids::{ChatId, ConnectionId, IdGen, UserId};
 use crate::ports::{
-    AttachmentStore, Blobs, ChatStore, Clock, DeviceStore, Jobs, MessageStore, Posted, Push, Quota,
-    QuotaStore,
+    AttachmentStore, Blobs, ChatStore, Clock, DedupeKey, DeviceStore, Jobs, KeyStore, MessageStore, Posted,
+    Push, Quota, QuotaStore, ReceiptStore,
 };
 
 /// The ports a `Courier` runs on, chosen once at start-up.
@@ -23,6 +29,8 @@ pub struct Ports {
     pub messages: Arc<dyn MessageStore>,
     pub attachments: Arc<dyn AttachmentStore>,
     pub quotas: Arc<dyn QuotaStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub receipts: Arc<dyn ReceiptStore>,
     pub blobs: Arc<dyn Blobs>,
     pub push: Arc<dyn Push>,
     pub jobs: Arc<dyn Jobs>,
@@ -34,11 +42,14 @@ pub struct Courier {
     ports: Ports,
     ids: IdGen,
     limits: Limits,
+    /// When each (device, chat) last had a typing frame pushed: typing is
+    /// throttled in memory, never stored.
+    typing: Mutex<HashMap<(InboxKey, ChatId), Millis>>,
 }
 
 impl Courier {
     pub fn new(ports: Ports, limits: Limits) -> Self {
-        Self { ports, ids: IdGen::new(), limits }
+        Self { ports, ids: IdGen::new(), limits, typing: Mutex::default() }
     }
 
     pub fn limits(&self) -> &Limits {
@@ -120,11 +131,36 @@ impl Courier {
         }
     }
 
-    /// The periodic clean-up: expired devices and inbox rows, old message rows.
+    /// The idempotency key of a send, from its optional clientMessageId.
+    fn dedupe_key(&self, caller: &Caller, client_message_id: Option<String>) -> Result<Option<DedupeKey>> {
+        match client_message_id {
+            Some(id) if id.is_empty() => Err(Error::BadRequest("clientMessageId must not be empty".into())),
+            Some(id) if id.chars().count() > 64 => {
+                Err(Error::LimitExceeded("clientMessageId is at most 64 characters".into()))
+            }
+            Some(id) => Ok(Some(DedupeKey {
+                user: caller.user.clone(),
+                device: caller.device.clone(),
+                client_message_id: id,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// The periodic clean-up: expired devices (with their keys) and inbox
+    /// rows, old message rows.
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = self.now();
-        let devices = self.ports.devices.expire_devices(self.expired_before(now)).await?;
+        let expired = self.ports.devices.expire_devices(self.expired_before(now)).await?;
+        let users: std::collections::BTreeSet<UserId> = expired.iter().map(|d| d.user.clone()).collect();
+        for device in &expired {
+            self.ports.keys.remove_keys(&device.user, &device.id).await?;
+        }
+        for user in users {
+            self.announce_devices(&user, None).await;
+        }
         let rows = self.ports.messages.expire_messages(now, self.limits.retention_ms).await?;
+        let devices = expired.len() as u64;
         tracing::info!(devices, rows, "cleanup");
         Ok((devices, rows))
     }
