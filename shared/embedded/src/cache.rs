@@ -1,4 +1,4 @@
-//! `ReadCache`: the rows every send reads (its chat, its participants' devices), kept in memory.
+//! `ReadCache`: the rows every send reads (its chat, its participants' devices and their keys), kept in memory.
 //!
 //! `SqliteStore` is the only writer of its database, so it can keep a cache
 //! coherent by forgetting an entry once a write that touches it has

@@ -222,4 +222,13 @@ impl Blobs for FileBlobs {
     async fn uploaded(&self, attachment: &Attachment) -> Result<bool> {
         Ok(tokio::fs::try_exists(self.path(attachment)).await.unwrap_or(false))
     }
+
+    async fn delete(&self, attachment: &Attachment) -> Result<()> {
+        match tokio::fs::remove_file(self.path(attachment)).await {
+            Ok(()) => Ok(()),
+            // Never uploaded, or already gone (a retried deleteAccount, the expiry sweep).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
 }

@@ -36,6 +36,8 @@ pub fn ports(store: &SqliteStore, blobs: &FileBlobs, push: Arc<dyn Push>, clock:
         messages: Arc::new(store.clone()),
         attachments: Arc::new(store.clone()),
         quotas: Arc::new(store.clone()),
+        keys: Arc::new(store.clone()),
+        receipts: Arc::new(store.clone()),
         blobs: Arc::new(blobs.clone()),
         push,
         jobs: Arc::new(store.clone()),

@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, params};
 use super::SqliteStore;
 use super::rows::id;
 use courier_core::error::Result;
-use courier_core::ids::{AttachmentId, ChatId};
+use courier_core::ids::{AttachmentId, ChatId, UserId};
 use courier_core::ports::{Attachment, AttachmentStore};
 
 #[async_trait]
@@ -37,16 +37,7 @@ impl AttachmentStore for SqliteStore {
             c.prepare_cached(
                 "SELECT attachment_id, uploader, content_type, size, sha256, created_at FROM attachments WHERE attachment_id = ?1",
             )?
-            .query_row([&attachment_id], |r| {
-                Ok(Attachment {
-                    id: id(r.get(0)?)?,
-                    uploader: id(r.get(1)?)?,
-                    content_type: r.get(2)?,
-                    size: r.get::<_, i64>(3)? as u64,
-                    sha256: r.get(4)?,
-                    created_at: r.get(5)?,
-                })
-            })
+            .query_row([&attachment_id], attachment_from_row)
             .optional()
         })
         .await
@@ -76,4 +67,34 @@ impl AttachmentStore for SqliteStore {
         })
         .await
     }
+
+    async fn remove_attachments_of(&self, uploader: &UserId) -> Result<Vec<Attachment>> {
+        let uploader = uploader.to_string();
+        self.write(move |c| {
+            let removed: Vec<Attachment> = c
+                .prepare_cached(
+                    "DELETE FROM attachments WHERE uploader = ?1
+                     RETURNING attachment_id, uploader, content_type, size, sha256, created_at",
+                )?
+                .query_map([&uploader], attachment_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut unlink = c.prepare_cached("DELETE FROM attachment_chats WHERE attachment_id = ?1")?;
+            for a in &removed {
+                unlink.execute([a.id.as_str()])?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+fn attachment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Attachment> {
+    Ok(Attachment {
+        id: id(r.get(0)?)?,
+        uploader: id(r.get(1)?)?,
+        content_type: r.get(2)?,
+        size: r.get::<_, i64>(3)? as u64,
+        sha256: r.get(4)?,
+        created_at: r.get(5)?,
+    })
 }

@@ -150,19 +150,21 @@ impl DeviceStore for SqliteStore {
         removed
     }
 
-    async fn expire_devices(&self, before: Millis) -> Result<u64> {
+    async fn expire_devices(&self, before: Millis) -> Result<Vec<Device>> {
         let expired = self
             .write(move |c| {
-                let stale: Vec<(String, String)> = c
-                .prepare(
-                    "SELECT user_id, device_id FROM devices WHERE last_seen < ?1 AND connection_id IS NULL",
-                )?
-                .query_map([before], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-                for (user, device) in &stale {
-                    delete_device_rows(c, user, device)?;
+                let stale: Vec<(String, String, Millis)> = c
+                    .prepare(
+                        "SELECT user_id, device_id, last_seen FROM devices WHERE last_seen < ?1 AND connection_id IS NULL",
+                    )?
+                    .query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut expired = Vec::with_capacity(stale.len());
+                for (user, device, last_seen) in stale {
+                    delete_device_rows(c, &user, &device)?;
+                    expired.push(Device { user: id(user)?, id: id(device)?, connection: None, last_seen });
                 }
-                Ok(stale.len() as u64)
+                Ok(expired)
             })
             .await;
         self.inner.devices.forget_all();

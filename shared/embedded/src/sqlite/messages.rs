@@ -126,17 +126,62 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64> {
+    async fn store_device_messages(
+        &self,
+        message_id: &MessageId,
+        items: &[(InboxKey, String)],
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Option<MessageId>> {
+        let (message_id, dedupe) = (message_id.to_string(), dedupe.map(dedupe_text));
+        let items: Vec<(String, String)> =
+            items.iter().map(|(key, json)| (key.key(), json.clone())).collect();
+        self.write(move |c| {
+            if let Some(key) = &dedupe {
+                let first: Option<String> = c
+                    .prepare_cached("SELECT message_id FROM device_message_dedupe WHERE dedupe = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                if let Some(first) = first {
+                    return Ok(Some(id(first)?));
+                }
+                c.prepare_cached(
+                    "INSERT INTO device_message_dedupe (dedupe, message_id, expires_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![key, message_id, expires_at])?;
+            }
+            let mut put = c.prepare_cached(
+                "INSERT OR IGNORE INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (key, json) in &items {
+                put.execute(params![key, message_id, json, expires_at])?;
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
         let (inbox, ids) = (inbox.key(), ids.to_vec());
         self.write(move |c| {
-            let mut delete = c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2")?;
-            let mut acked = 0;
-            for message_id in &ids {
-                acked += delete.execute([&inbox, message_id.as_str()])? as u64;
+            let mut delete =
+                c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2 RETURNING body")?;
+            let mut acked = Vec::new();
+            for message_id in ids {
+                let body: Option<String> =
+                    delete.query_row([&inbox, message_id.as_str()], |r| r.get(0)).optional()?;
+                if let Some(body) = body {
+                    acked.push((message_id, body));
+                }
             }
             Ok(acked)
         })
         .await
+    }
+
+    async fn drop_pending(&self, user: &UserId) -> Result<()> {
+        let pending = InboxKey::Pending(user.clone()).key();
+        self.write(move |c| c.execute("DELETE FROM inbox WHERE inbox = ?1", [&pending]).map(drop)).await
     }
 
     async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
@@ -155,7 +200,8 @@ impl MessageStore for SqliteStore {
         self.write(move |c| {
             let inbox = c.execute("DELETE FROM inbox WHERE expires_at <= ?1", [now])?;
             let messages = c.execute("DELETE FROM messages WHERE expires_at <= ?1", [now])?;
-            Ok((inbox + messages) as u64)
+            let dedupe = c.execute("DELETE FROM device_message_dedupe WHERE expires_at <= ?1", [now])?;
+            Ok((inbox + messages + dedupe) as u64)
         })
         .await
     }

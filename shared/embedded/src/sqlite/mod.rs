@@ -6,7 +6,7 @@
 //! back alone (each runs in a savepoint). Reads run on a small pool of
 //! connections on tokio's blocking threads, so they never queue behind writes.
 //! WAL checkpoints run on their own thread, so no commit waits for one. The
-//! chats and devices that every send reads are cached (see `cache.rs`).
+//! chats, devices and device keys that every send reads are cached (see `cache.rs`).
 //!
 //! This file holds the store and its plumbing (open, close, queueing writes,
 //! pooled reads); each port is implemented in a file of its own.
@@ -15,8 +15,10 @@ mod attachments;
 mod chats;
 mod devices;
 mod jobs;
+mod keys;
 mod messages;
 mod quotas;
+mod receipts;
 mod rows;
 mod schema;
 mod writer;
@@ -32,6 +34,7 @@ use super::cache::ReadCache;
 use courier_core::domain::{Chat, Device, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, UserId};
+use courier_core::ports::DeviceKeys;
 use schema::create_schema;
 use writer::{checkpoint_loop, in_savepoint, write_loop};
 
@@ -75,6 +78,8 @@ struct Inner {
     chats: ReadCache<ChatId, Chat>,
     /// Every device row of a user, expired or not.
     devices: ReadCache<UserId, Vec<Device>>,
+    /// The keys of a user's ready devices, which every encrypted send reads.
+    keys: ReadCache<UserId, Vec<DeviceKeys>>,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
     clock: Arc<dyn courier_core::ports::Clock>,
@@ -145,6 +150,7 @@ impl SqliteStore {
                 reading: tokio::sync::Semaphore::new(READERS),
                 chats: ReadCache::new(),
                 devices: ReadCache::new(),
+                keys: ReadCache::new(),
                 jobs_queued: Notify::new(),
                 clock,
             }),
@@ -258,6 +264,8 @@ mod tests {
             messages: Arc::new(store.clone()),
             attachments: Arc::new(store.clone()),
             quotas: Arc::new(store.clone()),
+            keys: Arc::new(store.clone()),
+            receipts: Arc::new(store.clone()),
         };
         contract::all(&tables).await;
         contract::racing_devices(&tables).await;

@@ -25,6 +25,9 @@ pub(super) struct ChatRow {
     pub(super) members: Vec<Member>,
     admins: Vec<UserId>,
     created_at: Millis,
+    /// Absent from the rows of layout 2 and before, which no encrypted chat wrote.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    encrypted: bool,
 }
 
 pub(super) fn chat_from_row(chat_id: String, body: String, version: i64) -> rusqlite::Result<Chat> {
@@ -36,6 +39,7 @@ pub(super) fn chat_from_row(chat_id: String, body: String, version: i64) -> rusq
         admins: row.admins,
         created_at: row.created_at,
         version: version as u64,
+        encrypted: row.encrypted,
     })
 }
 
@@ -45,6 +49,7 @@ pub(super) fn chat_body(chat: &Chat) -> String {
         members: chat.members.clone(),
         admins: chat.admins.clone(),
         created_at: chat.created_at,
+        encrypted: chat.encrypted,
     })
 }
 

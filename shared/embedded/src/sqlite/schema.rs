@@ -80,10 +80,57 @@ CREATE TABLE IF NOT EXISTS quotas (
     used INTEGER NOT NULL,
     PRIMARY KEY (user_id, quota)
 ) WITHOUT ROWID;
+-- Layout 3 (protocol version 2) adds what follows; it changes no table above.
+-- deleteAccount finds a user's attachments here, not by a scan.
+CREATE INDEX IF NOT EXISTS attachments_uploader ON attachments (uploader);
+-- A row per ready device: its first upload carries both keys, so a device
+-- without a row has no keys at all. The signed keys are JSON (SignedKey).
+CREATE TABLE IF NOT EXISTS device_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    identity_key TEXT NOT NULL,
+    signed_pre_key TEXT NOT NULL,
+    fallback_key TEXT,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, key_id)
+) WITHOUT ROWID;
+-- The current hour's one-time prekey claims per claiming device and scope
+-- (a target device, or '*' for all); a row of an older hour starts over.
+CREATE TABLE IF NOT EXISTS key_claims (
+    claimer TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (claimer, scope)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS key_claims_hour ON key_claims (hour);
+CREATE TABLE IF NOT EXISTS receipts (
+    chat_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    delivered TEXT,
+    read TEXT,
+    private_read TEXT,
+    PRIMARY KEY (chat_id, user_id)
+) WITHOUT ROWID;
+-- The dedupe keys of sendToDevices batches: a namespace apart from the chat
+-- messages' (messages.dedupe), kept as long as the batch's inbox rows.
+CREATE TABLE IF NOT EXISTS device_message_dedupe (
+    dedupe TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS device_message_dedupe_expiry ON device_message_dedupe (expires_at);
 "#;
 
-/// `PRAGMA user_version` of the layout above.
-const LAYOUT: i64 = 2;
+/// `PRAGMA user_version` of the layout above. Layout 3 only adds tables and
+/// indexes to layout 2, so SCHEMA alone moves a layout 2 database on.
+const LAYOUT: i64 = 3;
 
 /// From layout 1 (0 in `user_version`: messages keyed by chat, inbox rows
 /// keyed by inbox): moves the two tables' rows into layout 2. Runs before
@@ -181,6 +228,111 @@ mod tests {
             let seq: i64 =
                 store.read(|c| c.query_row("SELECT seq FROM inbox", [], |r| r.get(0))).await.unwrap();
             assert_eq!(seq, 1, "the inbox row moved into the new layout");
+            store.close();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_second_layout_keeps_everything_and_gains_the_new_tables() {
+        use courier_core::ids::{AttachmentId, DeviceId, UserId};
+        use courier_core::ports::{
+            AttachmentStore, ChatStore, DeviceStore, KeyStore, KeyUpload, Markers, ReceiptStore, SignedKey,
+            Uploaded,
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layout2.db");
+        let (message, inbox, chat) =
+            ("01JDX0000000000000000000M1", "bob#phone", "01JDX0000000000000000000C1");
+        let body = r#"{"messageId":"01JDX0000000000000000000M1","message":"kept"}"#;
+        {
+            // Layout 3 only adds tables and indexes, so layout 2 is today's
+            // schema without them; its rows are written as layout 2 wrote them.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            store.close();
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "DROP INDEX attachments_uploader;
+                 DROP TABLE device_keys; DROP TABLE one_time_keys;
+                 DROP TABLE key_claims; DROP TABLE receipts; DROP TABLE device_message_dedupe;
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO chats VALUES (?1, ?2, 0)",
+                params![
+                    chat,
+                    r#"{"name":"old","members":[{"user":"alice","joined_at":1},{"user":"bob","joined_at":1}],"admins":["alice"],"created_at":1}"#
+                ],
+            )
+            .unwrap();
+            old.execute("INSERT INTO participants VALUES ('alice', ?1), ('bob', ?1)", [chat]).unwrap();
+            old.execute("INSERT INTO devices VALUES ('bob', 'phone', NULL, ?1)", [i64::MAX - 1]).unwrap();
+            old.execute(
+                "INSERT INTO messages VALUES (?1, ?2, 5, ?3, '[\"bob#phone\"]', 0, 'alice#laptop#c-1', ?4)",
+                params![message, chat, body, i64::MAX],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![inbox, message, body, i64::MAX],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO attachments VALUES ('01JDX0000000000000000000A1', 'alice', 'image/png', 3, ?1, 1)",
+                ["ab".repeat(32)],
+            )
+            .unwrap();
+        }
+        let (alice, bob): (UserId, UserId) = (id("alice".into()).unwrap(), id("bob".into()).unwrap());
+        let phone: DeviceId = id("phone".into()).unwrap();
+        for round in 0..2 {
+            // Opened twice: the second open finds layout 3 and leaves it be.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            let version: i64 =
+                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(version, 3);
+            let key = InboxKey::parse(inbox).unwrap();
+            let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
+            assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
+            let chat_id: ChatId = id(chat.into()).unwrap();
+            assert_eq!(
+                store.unfinished(10, 10).await.unwrap(),
+                vec![(chat_id.clone(), id(message.into()).unwrap())]
+            );
+            let old_chat = store.chat(&chat_id).await.unwrap().expect("the chat is kept");
+            assert_eq!(
+                (old_chat.name.as_str(), old_chat.encrypted),
+                ("old", false),
+                "no old chat is encrypted"
+            );
+            assert_eq!(store.chats_of(&bob, None, 10).await.unwrap().len(), 1);
+            assert_eq!(store.devices_of(std::slice::from_ref(&bob), 0).await.unwrap().len(), 1);
+            let attachment: AttachmentId = id("01JDX0000000000000000000A1".into()).unwrap();
+            assert!(store.attachment(&attachment).await.unwrap().is_some());
+
+            // The new tables work on the moved database.
+            if round == 0 {
+                let upload = KeyUpload {
+                    identity_key: Some("identity".into()),
+                    signed_pre_key: Some(SignedKey {
+                        key_id: "s1".into(),
+                        public_key: "spk".into(),
+                        signature: "sig".into(),
+                    }),
+                    ..KeyUpload::default()
+                };
+                let stored = store.upload_keys(&bob, &phone, &upload, 200).await.unwrap();
+                assert_eq!(stored, Uploaded::Stored { one_time_keys: 0, became_ready: true });
+                let to = Markers { read: Some(id(message.into()).unwrap()), ..Markers::default() };
+                assert!(store.advance(&chat_id, &alice, &to).await.unwrap().is_some());
+            }
+            assert_eq!(
+                store.device_keys(std::slice::from_ref(&bob)).await.unwrap().len(),
+                1,
+                "round {round}"
+            );
+            assert_eq!(store.receipts(&chat_id).await.unwrap().len(), 1, "round {round}");
             store.close();
         }
     }
