@@ -10,8 +10,10 @@ use courier_core::Courier;
 use courier_core::domain::{Caller, DAY_MS, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Clock, DeviceStore, MessageStore, Posted, Push};
-use courier_core::protocol::{Ack, CreateChat, SendMessage, Sync};
+use courier_core::ports::{AttachmentStore, Clock, DeviceStore, KeyStore, MessageStore, Posted, Push};
+use courier_core::protocol::{
+    Ack, CreateAttachment, CreateChat, GetReceipts, OneTimeKey, SendMessage, SignedKey, Sync, UploadKeys,
+};
 use courier_embedded::{Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
 
@@ -82,7 +84,11 @@ impl World {
 
     async fn chat(&self, by: &Caller, with: &[&str]) -> ChatId {
         let participants = with.iter().map(|u| UserId::try_from(*u).unwrap()).collect();
-        self.courier.create_chat(by, CreateChat { participants, name: "t".into() }).await.unwrap().chat_id
+        self.courier
+            .create_chat(by, CreateChat { participants, name: "t".into(), encrypted: false })
+            .await
+            .unwrap()
+            .chat_id
     }
 
     async fn send(&self, by: &Caller, chat: &ChatId, text: &str) -> String {
@@ -91,6 +97,7 @@ impl World {
             message: text.into(),
             attachments: vec![],
             client_message_id: None,
+            devices: None,
         };
         self.courier.send_message(by, cmd).await.unwrap().message_id.to_string()
     }
@@ -102,6 +109,43 @@ impl World {
         let id = self.send(by, chat, text).await;
         self.push.broken.store(false, std::sync::atomic::Ordering::SeqCst);
         courier_core::ids::MessageId::try_from(id).unwrap()
+    }
+
+    /// Makes the device ready, with `n` one-time prekeys.
+    async fn upload_keys(&self, of: &Caller, n: usize) {
+        let cmd = UploadKeys {
+            identity_key: Some(format!("id-{}", of.device)),
+            signed_pre_key: Some(SignedKey {
+                key_id: "s1".into(),
+                public_key: "spk".into(),
+                signature: "sig".into(),
+            }),
+            one_time_pre_keys: (0..n)
+                .map(|i| OneTimeKey { key_id: format!("k{i}"), public_key: format!("otk{i}") })
+                .collect(),
+            fallback_key: None,
+        };
+        self.courier.upload_keys(of, cmd).await.unwrap();
+    }
+
+    /// Rows the database holds that name `user`, table by table, where any do.
+    fn rows_of(&self, user: &str) -> Vec<(&'static str, i64)> {
+        let db = rusqlite::Connection::open(self._dir.path().join("t.db")).unwrap();
+        let queries = [
+            ("devices", "SELECT count(*) FROM devices WHERE user_id = ?1"),
+            ("connections", "SELECT count(*) FROM connections WHERE user_id = ?1"),
+            ("participants", "SELECT count(*) FROM participants WHERE user_id = ?1"),
+            ("inbox", "SELECT count(*) FROM inbox WHERE inbox LIKE ?1 || '#%'"),
+            ("attachments", "SELECT count(*) FROM attachments WHERE uploader = ?1"),
+            ("device_keys", "SELECT count(*) FROM device_keys WHERE user_id = ?1"),
+            ("one_time_keys", "SELECT count(*) FROM one_time_keys WHERE user_id = ?1"),
+            ("receipts", "SELECT count(*) FROM receipts WHERE user_id = ?1"),
+        ];
+        queries
+            .into_iter()
+            .map(|(table, sql)| (table, db.query_row(sql, [user], |r| r.get(0)).unwrap()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     async fn inbox(&self, of: &Caller) -> Vec<String> {
@@ -246,4 +290,87 @@ async fn once_every_device_acked_no_copy_of_the_text_remains() {
         )
         .unwrap();
     assert_eq!(copies, 0);
+}
+
+#[tokio::test]
+async fn an_ack_moves_the_delivered_marker_in_the_chat() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    let first = w.send(&alice, &chat, "one").await;
+    let second = w.send(&alice, &chat, "two").await;
+    let ids: Vec<_> = [&second, &first]
+        .iter()
+        .map(|id| courier_core::ids::MessageId::try_from(id.to_string()).unwrap())
+        .collect();
+    w.push.sent.lock().unwrap().clear();
+    w.courier.ack(&bob, Ack { message_ids: Some(ids), message_id: None }).await.unwrap();
+
+    let receipts = w.courier.get_receipts(&alice, GetReceipts { chat_id: chat.clone() }).await.unwrap();
+    let of_bob = receipts.receipts.iter().find(|r| r.user_id == bob.user).unwrap();
+    assert_eq!(of_bob.delivered.as_ref().map(|id| id.to_string()), Some(second), "up to the newest acked");
+    assert_eq!(of_bob.read, None);
+    let sent = w.push.sent.lock().unwrap();
+    assert!(
+        sent.iter().any(|(c, f)| c == alice.connection.as_str() && f.starts_with(r#"{"type":"receipt""#)),
+        "the sender is told: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn delete_account_leaves_no_row_or_blob_of_the_user() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let alice2 = w.device("alice", "tablet").await;
+    let bob = w.device("bob", "p").await;
+    w.upload_keys(&alice, 5).await;
+    w.upload_keys(&alice2, 2).await;
+    let chat = w.chat(&alice, &["bob", "carol"]).await;
+    // alice acks what bob sent, so she has a delivered marker to lose too.
+    let to_alice = w.send(&bob, &chat, "to alice").await;
+    let to_alice = courier_core::ids::MessageId::try_from(to_alice).unwrap();
+    w.courier.ack(&alice, Ack { message_ids: None, message_id: Some(to_alice) }).await.unwrap();
+    let id = w.send(&alice, &chat, "from alice").await;
+    let id = courier_core::ids::MessageId::try_from(id).unwrap();
+    w.courier.ack(&bob, Ack { message_ids: None, message_id: Some(id) }).await.unwrap();
+    let body = b"picture";
+    let sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(body))
+    };
+    let made = w
+        .courier
+        .create_attachment(&alice, CreateAttachment { content_type: "image/png".into(), size: 7, sha256 })
+        .await
+        .unwrap();
+    let blob = w._dir.path().join("blobs").join(made.attachment_id.as_str());
+    std::fs::write(&blob, body).unwrap();
+    let before: Vec<&str> = w.rows_of("alice").into_iter().map(|(table, _)| table).collect();
+    assert!(before.contains(&"receipts") && before.contains(&"one_time_keys"), "{before:?}");
+
+    let closed = w.courier.delete_account(&alice).await.unwrap();
+    assert_eq!(closed.len(), 2, "both of alice's connections are closed");
+    w.store.flush().await.unwrap();
+    assert_eq!(w.rows_of("alice"), vec![], "no row names alice");
+    assert!(!blob.exists(), "the uploaded blob is deleted");
+    assert_eq!(w.store.attachment(&made.attachment_id).await.unwrap(), None);
+    assert!(w.store.device_keys(std::slice::from_ref(&alice.user)).await.unwrap().is_empty());
+    assert_eq!(w.rows_of("bob").iter().find(|(t, _)| *t == "participants"), Some(&("participants", 1)));
+
+    // Idempotent: a second call finds nothing and fails nothing.
+    w.courier.delete_account(&alice).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_clean_up_takes_the_keys_of_the_devices_it_expires() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    w.upload_keys(&alice, 3).await;
+    w.courier.disconnect(&alice.connection).await.unwrap();
+    w.clock.advance(30 * DAY_MS + 1);
+    let (devices, _) = w.courier.cleanup().await.unwrap();
+    assert_eq!(devices, 1);
+    assert_eq!(w.rows_of("alice"), vec![], "the device and its keys are gone");
+    assert_eq!(w.store.one_time_key_count(&alice.user, &alice.device).await.unwrap(), 0);
 }

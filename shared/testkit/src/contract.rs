@@ -9,8 +9,8 @@ use std::sync::Arc;
 use courier_core::domain::{Chat, InboxKey, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, IdGen, MessageId, UserId};
 use courier_core::ports::{
-    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, MessageStore, Quota,
-    QuotaStore, Store, StoredMessage,
+    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, KeyStore, KeyUpload, Markers,
+    MessageStore, OneTimeKey, Quota, QuotaStore, ReceiptStore, SignedKey, Store, StoredMessage, Uploaded,
 };
 
 /// The table ports of one adapter family.
@@ -21,6 +21,8 @@ pub struct Tables {
     pub messages: Arc<dyn MessageStore>,
     pub attachments: Arc<dyn AttachmentStore>,
     pub quotas: Arc<dyn QuotaStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub receipts: Arc<dyn ReceiptStore>,
 }
 
 /// A fixed "now" for the suite; adapters must not read the clock themselves
@@ -68,6 +70,14 @@ pub async fn all(t: &Tables) {
     expiry(t).await;
     attachments(t).await;
     quotas(t).await;
+    key_uploads(t).await;
+    one_time_key_claims(t).await;
+    claim_counts(t).await;
+    receipts(t).await;
+    device_messages(t).await;
+    dropped_pending(t).await;
+    expired_devices(t).await;
+    attachments_of_uploader(t).await;
 }
 
 /// A quota counts per user, per quota and per day, and refuses (changing
@@ -100,6 +110,7 @@ pub fn chat_of(id: ChatId, users: &[&UserId]) -> Chat {
         admins: vec![users[0].clone()],
         created_at: NOW,
         version: 0,
+        encrypted: false,
     }
 }
 
@@ -125,6 +136,20 @@ pub async fn chats(t: &Tables) {
     assert_eq!(ids(t.chats.chats_of(&a, None, 10).await.unwrap()), Vec::<ChatId>::new(), "a left");
     assert_eq!(ids(t.chats.chats_of(&b, None, 10).await.unwrap()), vec![chat.id.clone()]);
     assert_eq!(ids(t.chats.chats_of(&c, None, 10).await.unwrap()), vec![chat.id.clone()]);
+
+    // The encrypted flag is kept through creation, updates and listings.
+    let secret = Chat { encrypted: true, ..chat_of(n.chat(), &[&a, &b]) };
+    t.chats.create_chat(&secret).await.unwrap();
+    assert_eq!(t.chats.chat(&secret.id).await.unwrap(), Some(secret.clone()));
+    let mut grown = secret.clone();
+    grown.add(c.clone(), NOW + 1, &Default::default()).unwrap();
+    assert!(t.chats.update_chat(&grown, 0).await.unwrap());
+    assert!(t.chats.chat(&secret.id).await.unwrap().unwrap().encrypted, "an update keeps it");
+    let listed = t.chats.chats_of(&c, None, 10).await.unwrap();
+    let flags: Vec<(ChatId, bool)> = listed.into_iter().map(|c| (c.id, c.encrypted)).collect();
+    let mut expected = vec![(chat.id.clone(), false), (secret.id.clone(), true)];
+    expected.sort();
+    assert_eq!(flags, expected, "chats_of carries the flag");
 }
 
 /// A user's chats come in pages, in chatId order, each after the last id of
@@ -287,9 +312,10 @@ pub async fn messages(t: &Tables) {
         "before bounds it"
     );
 
-    // Ack is per inbox and counts what was there.
-    assert_eq!(t.messages.ack(&b1, &[m1.id.clone(), n.message(NOW)]).await.unwrap(), 1);
-    assert_eq!(t.messages.ack(&b1, std::slice::from_ref(&m1.id)).await.unwrap(), 0);
+    // Ack is per inbox and returns the rows that were there.
+    let acked = t.messages.ack(&b1, &[m1.id.clone(), n.message(NOW)]).await.unwrap();
+    assert_eq!(acked, vec![(m1.id.clone(), m1.json.clone())]);
+    assert!(t.messages.ack(&b1, std::slice::from_ref(&m1.id)).await.unwrap().is_empty(), "acked once");
     assert_eq!(t.messages.holders(&m1.id, &[b1.clone(), b2.clone()], NOW).await.unwrap(), vec![b2.clone()]);
     assert_eq!(t.messages.inbox_page(&b2, None, 10, NOW).await.unwrap().len(), 2, "b2 keeps its copy");
 
@@ -393,4 +419,419 @@ pub async fn attachments(t: &Tables) {
     let mut chats = t.attachments.chats_of_attachment(&id).await.unwrap();
     chats.sort();
     assert_eq!(chats, vec![c1, c2]);
+}
+
+fn signed(key_id: &str, public_key: &str) -> SignedKey {
+    SignedKey { key_id: key_id.into(), public_key: public_key.into(), signature: format!("sig-{public_key}") }
+}
+
+fn one_time(ids: impl IntoIterator<Item = usize>) -> Vec<OneTimeKey> {
+    ids.into_iter().map(|i| OneTimeKey { key_id: format!("k{i}"), public_key: format!("otk-{i}") }).collect()
+}
+
+/// A device's first upload: both keys and `one_time` one-time prekeys.
+fn first_upload(identity: &str, one_time_keys: Vec<OneTimeKey>) -> KeyUpload {
+    KeyUpload {
+        identity_key: Some(identity.into()),
+        signed_pre_key: Some(signed("s1", "spk-1")),
+        one_time_pre_keys: one_time_keys,
+        fallback_key: None,
+    }
+}
+
+/// The rules of `uploadKeys`: the first upload needs the identity key and
+/// the signed prekey; the identity key never changes; one-time prekeys are
+/// capped, stored keyIds are ignored and uncounted, and a refusal stores
+/// nothing; the signed and fallback keys are replaced.
+pub async fn key_uploads(t: &Tables) {
+    let n = Names::new();
+    let (u, v) = (n.user("u"), n.user("v"));
+    let (phone, laptop) = (n.device("phone"), n.device("laptop"));
+    let count = |d: &DeviceId| {
+        let (u, d) = (u.clone(), d.clone());
+        async move { t.keys.one_time_key_count(&u, &d).await }
+    };
+    let max = 10;
+
+    let lone_keys = KeyUpload { one_time_pre_keys: one_time(0..3), ..KeyUpload::default() };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &lone_keys, max).await.unwrap(), Uploaded::NotReady);
+    let no_signed = KeyUpload { identity_key: Some("id-u".into()), ..lone_keys.clone() };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &no_signed, max).await.unwrap(), Uploaded::NotReady);
+    let no_identity = KeyUpload { signed_pre_key: Some(signed("s1", "spk-1")), ..lone_keys.clone() };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &no_identity, max).await.unwrap(), Uploaded::NotReady);
+    assert_eq!(count(&phone).await.unwrap(), 0, "a refused first upload stores nothing");
+    assert!(t.keys.device_keys(std::slice::from_ref(&u)).await.unwrap().is_empty(), "nothing is ready");
+
+    let first = first_upload("id-u", one_time(0..3));
+    let stored = t.keys.upload_keys(&u, &phone, &first, max).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 3, became_ready: true });
+    let ready = t.keys.device_keys(std::slice::from_ref(&u)).await.unwrap();
+    assert_eq!(ready.len(), 1);
+    assert_eq!((&ready[0].user, &ready[0].device), (&u, &phone));
+    assert_eq!(ready[0].identity_key, "id-u");
+    assert_eq!(ready[0].signed_pre_key, signed("s1", "spk-1"));
+    assert_eq!(ready[0].fallback_key, None);
+
+    // Another identity key is refused whole: its other keys are not stored either.
+    let other = KeyUpload {
+        identity_key: Some("id-other".into()),
+        signed_pre_key: Some(signed("s9", "spk-9")),
+        one_time_pre_keys: one_time(10..12),
+        fallback_key: Some(signed("f9", "fb-9")),
+    };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &other, max).await.unwrap(), Uploaded::IdentityMismatch);
+    assert_eq!(count(&phone).await.unwrap(), 3);
+    let kept = t.keys.device_keys(std::slice::from_ref(&u)).await.unwrap();
+    assert_eq!(kept, ready, "nothing of the refused upload was stored");
+
+    // The same identity key again, or none, is fine; signed and fallback keys are replaced.
+    let replace = KeyUpload {
+        identity_key: Some("id-u".into()),
+        signed_pre_key: Some(signed("s2", "spk-2")),
+        one_time_pre_keys: Vec::new(),
+        fallback_key: Some(signed("f1", "fb-1")),
+    };
+    let stored = t.keys.upload_keys(&u, &phone, &replace, max).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 3, became_ready: false });
+    let fallback_only = KeyUpload { fallback_key: Some(signed("f2", "fb-2")), ..KeyUpload::default() };
+    t.keys.upload_keys(&u, &phone, &fallback_only, max).await.unwrap();
+    let now = t.keys.device_keys(std::slice::from_ref(&u)).await.unwrap();
+    assert_eq!(now[0].identity_key, "id-u");
+    assert_eq!(now[0].signed_pre_key, signed("s2", "spk-2"), "an upload without one keeps it");
+    assert_eq!(now[0].fallback_key, Some(signed("f2", "fb-2")));
+
+    // keyIds already stored are ignored and do not count, nor does a keyId named twice.
+    let mut again = one_time(1..5);
+    again.push(OneTimeKey { key_id: "k4".into(), public_key: "otk-4".into() });
+    let upload = KeyUpload { one_time_pre_keys: again, ..KeyUpload::default() };
+    let stored = t.keys.upload_keys(&u, &phone, &upload, max).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 5, became_ready: false });
+    assert_eq!(count(&phone).await.unwrap(), 5);
+
+    // Past the cap: refused, nothing stored; up to it exactly: stored.
+    let too_many = KeyUpload { one_time_pre_keys: one_time(0..11), ..KeyUpload::default() };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &too_many, max).await.unwrap(), Uploaded::TooManyOneTimeKeys);
+    assert_eq!(count(&phone).await.unwrap(), 5, "a refused upload stores none of its keys");
+    let to_the_cap = KeyUpload {
+        one_time_pre_keys: one_time(0..10),
+        fallback_key: Some(signed("f3", "fb-3")),
+        ..KeyUpload::default()
+    };
+    let stored = t.keys.upload_keys(&u, &phone, &to_the_cap, max).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 10, became_ready: false });
+    let at_the_cap = KeyUpload { one_time_pre_keys: one_time(0..10), ..KeyUpload::default() };
+    let stored = t.keys.upload_keys(&u, &phone, &at_the_cap, max).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 10, became_ready: false }, "stored keyIds are free");
+    let one_more = KeyUpload { one_time_pre_keys: one_time(10..11), ..KeyUpload::default() };
+    assert_eq!(t.keys.upload_keys(&u, &phone, &one_more, max).await.unwrap(), Uploaded::TooManyOneTimeKeys);
+
+    // Only ready devices are listed, of the users asked for.
+    t.keys.upload_keys(&u, &laptop, &lone_keys, max).await.unwrap();
+    t.keys.upload_keys(&v, &phone, &first_upload("id-v", Vec::new()), max).await.unwrap();
+    let listed = |users: Vec<UserId>| async move {
+        let mut keys: Vec<(UserId, DeviceId)> =
+            t.keys.device_keys(&users).await.unwrap().into_iter().map(|k| (k.user, k.device)).collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(listed(vec![u.clone()]).await, vec![(u.clone(), phone.clone())], "laptop is not ready");
+    let mut both = vec![(u.clone(), phone.clone()), (v.clone(), phone.clone())];
+    both.sort();
+    assert_eq!(listed(vec![u.clone(), v.clone()]).await, both);
+    assert!(listed(vec![n.user("nobody")]).await.is_empty());
+
+    // Removed keys are gone, and the device starts over, with any identity key.
+    t.keys.remove_keys(&u, &phone).await.unwrap();
+    assert_eq!(count(&phone).await.unwrap(), 0);
+    assert_eq!(t.keys.claim_one_time_key(&u, &phone).await.unwrap(), (None, 0));
+    assert_eq!(listed(vec![u.clone(), v.clone()]).await, vec![(v.clone(), phone.clone())]);
+    assert_eq!(t.keys.upload_keys(&u, &phone, &fallback_only, max).await.unwrap(), Uploaded::NotReady);
+    let anew = t.keys.upload_keys(&u, &phone, &first_upload("id-new", one_time(0..1)), max).await.unwrap();
+    assert_eq!(anew, Uploaded::Stored { one_time_keys: 1, became_ready: true });
+    t.keys.remove_keys(&u, &laptop).await.unwrap();
+}
+
+/// Each one-time prekey is handed out once, however many claims race for it.
+pub async fn one_time_key_claims(t: &Tables) {
+    let n = Names::new();
+    let (u, phone, tablet) = (n.user("u"), n.device("phone"), n.device("tablet"));
+    let uploaded = one_time(0..30);
+    t.keys.upload_keys(&u, &phone, &first_upload("id-u", uploaded.clone()), 200).await.unwrap();
+    t.keys.upload_keys(&u, &tablet, &first_upload("id-t", one_time(0..2)), 200).await.unwrap();
+
+    let claims = (0..60).map(|_| t.keys.claim_one_time_key(&u, &phone));
+    let outcomes: Vec<(Option<OneTimeKey>, u64)> =
+        futures_util::future::join_all(claims).await.into_iter().map(Result::unwrap).collect();
+    let mut handed: Vec<OneTimeKey> = outcomes.iter().filter_map(|(k, _)| k.clone()).collect();
+    assert_eq!(handed.len(), 30, "every key is handed out");
+    handed.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    handed.dedup();
+    assert_eq!(handed.len(), 30, "and none twice");
+    let mut expected = uploaded;
+    expected.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    assert_eq!(handed, expected, "each with its public key");
+    for (key, left) in &outcomes {
+        match key {
+            Some(_) => assert!(*left < 30, "{left} left after a claim"),
+            None => assert_eq!(*left, 0, "none left when none is handed out"),
+        }
+    }
+    assert_eq!(t.keys.one_time_key_count(&u, &phone).await.unwrap(), 0);
+    assert_eq!(t.keys.claim_one_time_key(&u, &phone).await.unwrap(), (None, 0));
+
+    // One at a time, the count left goes down; another device's keys are its own.
+    assert_eq!(t.keys.one_time_key_count(&u, &tablet).await.unwrap(), 2);
+    let (first, left) = t.keys.claim_one_time_key(&u, &tablet).await.unwrap();
+    assert_eq!((first.is_some(), left), (true, 1));
+    let (second, left) = t.keys.claim_one_time_key(&u, &tablet).await.unwrap();
+    assert_eq!((second.is_some(), left), (true, 0));
+    assert_ne!(first, second);
+    assert_eq!(t.keys.claim_one_time_key(&u, &tablet).await.unwrap(), (None, 0));
+    assert_eq!(t.keys.device_keys(std::slice::from_ref(&u)).await.unwrap().len(), 2, "still ready");
+}
+
+/// Claim counters: per claimer, per scope and per hour, refusing (changing
+/// nothing) what would pass the limit, even when counts race.
+pub async fn claim_counts(t: &Tables) {
+    let n = Names::new();
+    let claimer = InboxKey::Device(n.user("a"), n.device("phone"));
+    let other = InboxKey::Device(n.user("a"), n.device("laptop"));
+    let (target, hour) = (InboxKey::Device(n.user("b"), n.device("phone")).key(), NOW / 3_600_000);
+    let count = |c: &InboxKey, scope: &str, hour: i64, amount: u64| {
+        let (c, scope) = (c.clone(), scope.to_owned());
+        async move { t.keys.count_claims(&c, &scope, hour, amount, 5).await.unwrap() }
+    };
+    for i in 0..5 {
+        assert!(count(&claimer, &target, hour, 1).await, "claim {i} is within the limit");
+    }
+    assert!(!count(&claimer, &target, hour, 1).await, "the sixth passes it");
+    assert!(count(&claimer, "*", hour, 5).await, "another scope counts apart");
+    assert!(count(&other, &target, hour, 5).await, "another claimer counts apart");
+    assert!(!count(&claimer, "*", hour, 1).await);
+    assert!(!count(&claimer, &target, hour + 1, 6).await, "never more than the limit at once");
+    assert!(count(&claimer, &target, hour + 1, 3).await, "a new hour starts from zero");
+    assert!(!count(&claimer, &target, hour + 1, 3).await, "3 + 3 passes 5");
+    assert!(count(&claimer, &target, hour + 1, 2).await, "the refusal counted nothing");
+
+    let racer = InboxKey::Device(n.user("r"), n.device("phone"));
+    let racing = (0..12).map(|_| count(&racer, "*", hour, 1));
+    let admitted = futures_util::future::join_all(racing).await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(admitted, 5, "racing counts stay within the limit");
+}
+
+/// Receipt markers move forward only, each on its own, and racing moves end at the furthest.
+pub async fn receipts(t: &Tables) {
+    let n = Names::new();
+    let (u, v, chat) = (n.user("u"), n.user("v"), n.chat());
+    let m: Vec<MessageId> = (0..4).map(|i| n.message(NOW + i)).collect();
+    let marks = |delivered: Option<usize>, read: Option<usize>, private_read: Option<usize>| Markers {
+        delivered: delivered.map(|i| m[i].clone()),
+        read: read.map(|i| m[i].clone()),
+        private_read: private_read.map(|i| m[i].clone()),
+    };
+
+    assert!(t.receipts.receipts(&chat).await.unwrap().is_empty());
+    let moved = t.receipts.advance(&chat, &u, &marks(Some(1), None, None)).await.unwrap();
+    assert_eq!(moved, Some(marks(Some(1), None, None)));
+    assert_eq!(t.receipts.advance(&chat, &u, &marks(Some(0), None, None)).await.unwrap(), None, "behind");
+    assert_eq!(t.receipts.advance(&chat, &u, &marks(Some(1), None, None)).await.unwrap(), None, "level");
+    assert_eq!(t.receipts.advance(&chat, &u, &Markers::default()).await.unwrap(), None, "nothing asked");
+
+    // Each marker moves on its own: read behind delivered is fine.
+    let moved = t.receipts.advance(&chat, &u, &marks(None, Some(0), None)).await.unwrap();
+    assert_eq!(moved, Some(marks(Some(1), Some(0), None)));
+    let moved = t.receipts.advance(&chat, &u, &marks(None, None, Some(2))).await.unwrap();
+    assert_eq!(moved, Some(marks(Some(1), Some(0), Some(2))), "the private marker alone");
+    // One marker behind and one ahead: the one ahead moves, the other stays.
+    let moved = t.receipts.advance(&chat, &u, &marks(Some(0), Some(2), Some(1))).await.unwrap();
+    assert_eq!(moved, Some(marks(Some(1), Some(2), Some(2))));
+
+    t.receipts.advance(&chat, &v, &marks(Some(3), Some(3), Some(3))).await.unwrap();
+    let mut all = t.receipts.receipts(&chat).await.unwrap();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected =
+        vec![(u.clone(), marks(Some(1), Some(2), Some(2))), (v.clone(), marks(Some(3), Some(3), Some(3)))];
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(all, expected);
+    assert!(t.receipts.receipts(&n.chat()).await.unwrap().is_empty(), "per chat");
+
+    t.receipts.remove_receipts(&chat, &v).await.unwrap();
+    assert_eq!(
+        t.receipts.receipts(&chat).await.unwrap(),
+        vec![(u.clone(), marks(Some(1), Some(2), Some(2)))]
+    );
+    t.receipts.remove_receipts(&chat, &v).await.unwrap();
+
+    // Racing moves, in any order, end at the furthest.
+    let w = n.user("w");
+    let ids: Vec<MessageId> = (0..20).map(|i| n.message(NOW + 100 + i)).collect();
+    let moves = ids.iter().rev().chain(ids.iter()).map(|id| {
+        let to = Markers { delivered: Some(id.clone()), read: Some(id.clone()), private_read: None };
+        let w = w.clone();
+        let chat = chat.clone();
+        async move { t.receipts.advance(&chat, &w, &to).await.unwrap() }
+    });
+    let answers = futures_util::future::join_all(moves).await;
+    assert!(answers.iter().any(Option::is_some), "the furthest move moved");
+    for answer in answers.into_iter().flatten() {
+        assert!(answer.delivered.is_some() && answer.read.is_some(), "{answer:?}");
+    }
+    let last = ids.last().cloned();
+    let stands = t.receipts.receipts(&chat).await.unwrap().into_iter().find(|(user, _)| user == &w);
+    assert_eq!(
+        stands,
+        Some((w.clone(), Markers { delivered: last.clone(), read: last, private_read: None }))
+    );
+}
+
+/// Device messages: one inbox row per device under one id, deduped apart
+/// from chat messages, synced and acked like them.
+pub async fn device_messages(t: &Tables) {
+    let n = Names::new();
+    let (a, b) = (n.user("a"), n.user("b"));
+    let (b1, b2) = (InboxKey::Device(b.clone(), n.device("b1")), InboxKey::Device(b.clone(), n.device("b2")));
+    let a2 = InboxKey::Device(a.clone(), n.device("tablet"));
+    let key = DedupeKey { user: a.clone(), device: n.device("phone"), client_message_id: "c-1".into() };
+    let row = |id: &MessageId, body: &str| {
+        serde_json::json!({
+            "type": "deviceMessage", "messageId": id, "userId": a, "deviceId": "phone",
+            "body": body, "timestamp": NOW,
+        })
+        .to_string()
+    };
+    let expires = NOW + 30 * DAY;
+
+    let id = n.message(NOW);
+    let items = vec![
+        (b1.clone(), row(&id, "to b1")),
+        (b2.clone(), row(&id, "to b2")),
+        (a2.clone(), row(&id, "to a2")),
+    ];
+    assert_eq!(t.messages.store_device_messages(&id, &items, Some(&key), expires).await.unwrap(), None);
+    for (inbox, json) in &items {
+        let page = t.messages.inbox_page(inbox, None, 10, NOW).await.unwrap();
+        assert_eq!(page, vec![(id.clone(), json.clone())], "each device its own body");
+    }
+    assert_eq!(t.messages.holders(&id, &[b1.clone(), b2.clone()], NOW).await.unwrap().len(), 2);
+
+    // A retry with the same key stores nothing and answers the first id.
+    let retry = n.message(NOW + 1);
+    let again = vec![(b1.clone(), row(&retry, "to b1"))];
+    let found = t.messages.store_device_messages(&retry, &again, Some(&key), expires).await.unwrap();
+    assert_eq!(found, Some(id.clone()));
+    assert_eq!(t.messages.inbox_page(&b1, None, 10, NOW).await.unwrap().len(), 1, "no second copy");
+
+    // Chat messages with the same clientMessageId are another namespace, both ways.
+    let chat = n.chat();
+    let message = stored(&n, &chat, &a, std::slice::from_ref(&b1), NOW + 2, "chat");
+    assert_eq!(t.messages.store(&message, Some(&key), expires).await.unwrap(), Store::Stored);
+    let key2 = DedupeKey { client_message_id: "c-2".into(), ..key.clone() };
+    let chat2 = stored(&n, &chat, &a, std::slice::from_ref(&b2), NOW + 3, "chat first");
+    assert_eq!(t.messages.store(&chat2, Some(&key2), expires).await.unwrap(), Store::Stored);
+    let later = n.message(NOW + 4);
+    let stored_after = t
+        .messages
+        .store_device_messages(&later, &[(b2.clone(), row(&later, "after"))], Some(&key2), expires)
+        .await
+        .unwrap();
+    assert_eq!(stored_after, None, "a chat message's key does not dedupe a device message");
+    // Without a key, nothing is deduped.
+    let plain = n.message(NOW + 5);
+    let items_plain = [(b2.clone(), row(&plain, "plain"))];
+    assert_eq!(t.messages.store_device_messages(&plain, &items_plain, None, expires).await.unwrap(), None);
+    let ids = |page: Vec<(MessageId, String)>| page.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    let b2_inbox = ids(t.messages.inbox_page(&b2, None, 10, NOW).await.unwrap());
+    assert_eq!(b2_inbox, vec![id.clone(), chat2.id.clone(), later.clone(), plain.clone()], "in id order");
+
+    // Ack returns the rows, device messages and chat messages alike.
+    let acked = t.messages.ack(&b1, &[id.clone(), message.id.clone()]).await.unwrap();
+    let mut expected = vec![(id.clone(), items[0].1.clone()), (message.id.clone(), message.json.clone())];
+    let mut acked_sorted = acked;
+    acked_sorted.sort();
+    expected.sort();
+    assert_eq!(acked_sorted, expected);
+    assert!(t.messages.inbox_page(&b1, None, 10, NOW).await.unwrap().is_empty());
+    assert_eq!(t.messages.inbox_page(&b2, None, 10, NOW).await.unwrap().len(), 4, "b2 keeps its copies");
+
+    // Device messages past retention are filtered on read like any row.
+    let old = n.message(NOW - 31 * DAY);
+    let old_items = [(a2.clone(), row(&old, "old"))];
+    t.messages.store_device_messages(&old, &old_items, None, NOW - DAY).await.unwrap();
+    assert_eq!(ids(t.messages.inbox_page(&a2, None, 10, NOW).await.unwrap()), vec![id.clone()]);
+}
+
+/// deleteAccount drops the rows kept for a user with no device yet, and no one else's.
+pub async fn dropped_pending(t: &Tables) {
+    let n = Names::new();
+    let (a, b, c) = (n.user("a"), n.user("b"), n.user("c"));
+    let chat = n.chat();
+    let to = [InboxKey::Pending(b.clone()), InboxKey::Pending(c.clone())];
+    let m = stored(&n, &chat, &a, &to, NOW, "while you had no device");
+    t.messages.store(&m, None, NOW + DAY).await.unwrap();
+    t.messages.drop_pending(&b).await.unwrap();
+    t.messages.drop_pending(&b).await.unwrap();
+    assert_eq!(t.messages.claim_pending(&b, &n.device("first")).await.unwrap(), 0, "b's rows are gone");
+    assert_eq!(t.messages.claim_pending(&c, &n.device("first")).await.unwrap(), 1, "c's are not");
+}
+
+/// Expiry returns the devices it deleted, with their inboxes gone.
+pub async fn expired_devices(t: &Tables) {
+    let n = Names::new();
+    let (u, v) = (n.user("u"), n.user("v"));
+    // Far older than any other check's devices, so this expiry touches none of theirs.
+    let long_ago = NOW - 400 * DAY;
+    let (old, live) = (n.device("old"), n.device("live"));
+    let connection = n.connection();
+    t.devices.connect(&u, &old, &connection, long_ago, 3, long_ago - DAY).await.unwrap();
+    t.devices.disconnect(&connection, long_ago).await.unwrap();
+    t.devices.connect(&u, &live, &n.connection(), NOW, 3, NOW - 30 * DAY).await.unwrap();
+    // An old device still connected is not expired: its connection is live.
+    let held = n.connection();
+    t.devices.connect(&v, &old, &held, long_ago, 3, long_ago - DAY).await.unwrap();
+
+    let inbox = InboxKey::Device(u.clone(), old.clone());
+    let m = stored(&n, &n.chat(), &v, std::slice::from_ref(&inbox), NOW, "never read");
+    t.messages.store(&m, None, NOW + DAY).await.unwrap();
+
+    let expired = t.devices.expire_devices(long_ago + 1).await.unwrap();
+    let ours: Vec<_> = expired.iter().filter(|d| d.user == u || d.user == v).collect();
+    assert_eq!(ours.len(), 1, "{expired:?}");
+    assert_eq!((&ours[0].user, &ours[0].id, ours[0].last_seen), (&u, &old, long_ago));
+    assert_eq!(ours[0].connection, None);
+    let left = t.devices.devices_of(std::slice::from_ref(&u), i64::MIN).await.unwrap();
+    assert_eq!(left.iter().map(|d| d.id.clone()).collect::<Vec<_>>(), vec![live.clone()]);
+    assert!(t.messages.inbox_page(&inbox, None, 10, NOW).await.unwrap().is_empty(), "its inbox went with it");
+    let again = t.devices.expire_devices(long_ago + 1).await.unwrap();
+    assert!(!again.iter().any(|d| d.user == u), "expired once");
+    t.devices.remove_device(&v, &old).await.unwrap();
+}
+
+/// deleteAccount finds every attachment of a user and removes them, no one else's.
+pub async fn attachments_of_uploader(t: &Tables) {
+    let n = Names::new();
+    let (u, v) = (n.user("u"), n.user("v"));
+    let attachment = |uploader: &UserId, size: u64| Attachment {
+        id: n.ids.attachment(NOW),
+        uploader: uploader.clone(),
+        content_type: "image/png".into(),
+        size,
+        sha256: "cd".repeat(32),
+        created_at: NOW,
+    };
+    let (mine, also_mine, theirs) = (attachment(&u, 1), attachment(&u, 2), attachment(&v, 3));
+    for a in [&mine, &also_mine, &theirs] {
+        t.attachments.put_attachment(a).await.unwrap();
+    }
+    let chat = n.chat();
+    t.attachments.link(&[mine.id.clone(), theirs.id.clone()], &chat).await.unwrap();
+
+    let mut removed = t.attachments.remove_attachments_of(&u).await.unwrap();
+    removed.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(removed, vec![mine.clone(), also_mine.clone()]);
+    assert_eq!(t.attachments.attachment(&mine.id).await.unwrap(), None);
+    assert_eq!(t.attachments.attachment(&also_mine.id).await.unwrap(), None);
+    assert!(t.attachments.chats_of_attachment(&mine.id).await.unwrap().is_empty(), "its links went too");
+    assert_eq!(t.attachments.attachment(&theirs.id).await.unwrap(), Some(theirs.clone()));
+    assert_eq!(t.attachments.chats_of_attachment(&theirs.id).await.unwrap(), vec![chat]);
+    assert!(t.attachments.remove_attachments_of(&u).await.unwrap().is_empty(), "a second call finds none");
 }
