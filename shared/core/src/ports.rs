@@ -272,6 +272,74 @@ pub trait ReceiptStore: Send + Sync {
     async fn remove_receipts(&self, chat: &ChatId, user: &UserId) -> Result<()>;
 }
 
+/// The push service a device is woken through (`registerPush`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Platform {
+    #[serde(rename = "fcm")]
+    Fcm,
+    #[serde(rename = "apns")]
+    Apns,
+    #[serde(rename = "apns-sandbox")]
+    ApnsSandbox,
+    #[serde(rename = "webpush")]
+    WebPush,
+}
+
+impl Platform {
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Fcm => "fcm",
+            Platform::Apns => "apns",
+            Platform::ApnsSandbox => "apns-sandbox",
+            Platform::WebPush => "webpush",
+        }
+    }
+}
+
+/// A Web Push subscription's keys (RFC 8291), base64url as the browser gives them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebPushKeys {
+    /// An uncompressed P-256 public key, 65 bytes.
+    pub p256dh: String,
+    /// The authentication secret, 16 bytes.
+    pub auth: String,
+}
+
+/// One device's push registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushRegistration {
+    pub platform: Platform,
+    /// The FCM or APNs device token, or the Web Push endpoint URL.
+    pub address: String,
+    /// Web Push only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<WebPushKeys>,
+    /// Deployed FCM/APNs: the SNS platform endpoint made for `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// What a push service said to a wake-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Woken {
+    /// Accepted for delivery.
+    Sent,
+    /// The registration is gone (FCM UNREGISTERED, APNs 410, Web Push 404
+    /// or 410, a disabled SNS endpoint): forget it.
+    Gone,
+}
+
+/// Sends content-free, high-priority wake-ups to devices that are not
+/// connected. A temporary failure is an `Err` that `is_retryable`.
+#[async_trait]
+pub trait Wakeups: Send + Sync {
+    /// Whether this shape can wake devices of `platform` (deployed: its SNS
+    /// platform application is configured; local: a push gateway is set).
+    fn serves(&self, platform: Platform) -> bool;
+    async fn wake(&self, user: &UserId, device: &DeviceId, registration: &PushRegistration) -> Result<Woken>;
+}
+
 /// A daily quota on what one user can make the server store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quota {
