@@ -10,15 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
 use courier_core::protocol::{
-    Acked, AttachmentCreated, AttachmentLink, ChatCreated, ChatList, ErrorBody, Message, MessageSent,
-    Participants, ServerFrame, Status,
+    Acked, AttachmentCreated, AttachmentLink, ChatCreated, ChatList, DeviceIdentities, DeviceIdentity,
+    DeviceMessage, DevicesSent, ErrorBody, KeyBundle, KeyBundles, KeysStored, Message, MessageSent,
+    OneTimeKey, Participants, Receipt, Receipts, RecipientDevice, ServerFrame, SignedKey, Status,
+    TypingState,
 };
 
 /// Why a connect failed.
@@ -56,6 +58,14 @@ impl CallError {
             _ => None,
         }
     }
+
+    /// The recipient devices a MISMATCHED_DEVICES failure carries: the server's current view.
+    pub fn devices(&self) -> Option<&[RecipientDevice]> {
+        match self {
+            CallError::Failure(body) => body.devices.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
@@ -70,11 +80,78 @@ pub struct Client {
     timeout: Duration,
 }
 
+/// One item of a `sync` page (or a push of either kind), told apart by its `type`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Item {
+    NewMessage(Message),
+    DeviceMessage(DeviceMessage),
+}
+
 /// A page of `sync`, decoded.
 #[derive(Debug, Deserialize)]
+#[serde(from = "WirePage")]
 pub struct Page {
+    /// The chat messages (`newMessage` items), in inbox order: what a
+    /// version 1 client reads.
     pub messages: Vec<Message>,
+    /// Every item, chat and device messages alike, in inbox order.
+    pub items: Vec<Item>,
     pub cursor: Option<String>,
+}
+
+impl Page {
+    /// The device messages (`deviceMessage` items), in inbox order.
+    pub fn device_messages(&self) -> impl Iterator<Item = &DeviceMessage> {
+        self.items.iter().filter_map(|item| match item {
+            Item::DeviceMessage(m) => Some(m),
+            Item::NewMessage(_) => None,
+        })
+    }
+}
+
+/// A page as the server sends it: every item carries its `type`.
+#[derive(Deserialize)]
+struct WirePage {
+    messages: Vec<Item>,
+    cursor: Option<String>,
+}
+
+impl From<WirePage> for Page {
+    fn from(wire: WirePage) -> Page {
+        let messages = wire
+            .messages
+            .iter()
+            .filter_map(|item| match item {
+                Item::NewMessage(m) => Some(m.clone()),
+                Item::DeviceMessage(_) => None,
+            })
+            .collect();
+        Page { messages, items: wire.messages, cursor: wire.cursor }
+    }
+}
+
+/// What `uploadKeys` sends; fields left unset are not sent.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Keys {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_pre_key: Option<SignedKey>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub one_time_pre_keys: Vec<OneTimeKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_key: Option<SignedKey>,
+}
+
+/// One item of `sendToDevices`: a body for one device.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToDevice {
+    pub user_id: String,
+    pub device_id: String,
+    pub body: String,
 }
 
 impl Client {
@@ -212,6 +289,18 @@ impl Client {
         }
     }
 
+    /// The next `deviceMessage` push, skipping other frames.
+    pub async fn next_device_message(&mut self, wait: Duration) -> Option<DeviceMessage> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame =
+                self.next_frame(deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
+            if frame["type"] == "deviceMessage" {
+                return serde_json::from_value(frame).ok();
+            }
+        }
+    }
+
     /// Waits for the server to close the connection; its close code.
     pub async fn closed(&mut self, wait: Duration) -> Option<u16> {
         let mut closed = self.closed.clone();
@@ -231,8 +320,37 @@ impl Client {
         Ok(created.chat_id.to_string())
     }
 
+    /// createChat with `encrypted` set (protocol version 2); `create_chat` sends none.
+    pub async fn create_chat_with(
+        &self,
+        participants: &[&str],
+        name: &str,
+        encrypted: bool,
+    ) -> Result<String, CallError> {
+        let created: ChatCreated = self
+            .call("createChat", json!({ "participants": participants, "name": name, "encrypted": encrypted }))
+            .await?;
+        Ok(created.chat_id.to_string())
+    }
+
     pub async fn send_message(&self, chat_id: &str, text: &str) -> Result<MessageSent, CallError> {
         self.call("sendMessage", json!({ "chatId": chat_id, "message": text })).await
+    }
+
+    /// sendMessage to an encrypted chat: `ciphertext` with the digest of the
+    /// recipient devices as the sender sees them.
+    pub async fn send_encrypted(
+        &self,
+        chat_id: &str,
+        ciphertext: &str,
+        devices: &str,
+        client_message_id: Option<&str>,
+    ) -> Result<MessageSent, CallError> {
+        let mut fields = json!({ "chatId": chat_id, "message": ciphertext, "devices": devices });
+        if let Some(id) = client_message_id {
+            fields["clientMessageId"] = json!(id);
+        }
+        self.call("sendMessage", fields).await
     }
 
     pub async fn send_message_with(&self, fields: Value) -> Result<MessageSent, CallError> {
@@ -250,13 +368,26 @@ impl Client {
         self.call("sync", fields).await
     }
 
-    /// Reads the whole inbox, page by page, without acking.
+    /// The chat messages of the whole inbox, page by page, without acking
+    /// (device messages are left out: see [`Client::sync_all_items`]).
     pub async fn sync_all(&self) -> Result<Vec<Message>, CallError> {
+        let items = self.sync_all_items().await?;
+        Ok(items
+            .into_iter()
+            .filter_map(|item| match item {
+                Item::NewMessage(m) => Some(m),
+                Item::DeviceMessage(_) => None,
+            })
+            .collect())
+    }
+
+    /// Every item of the inbox, chat and device messages, page by page, without acking.
+    pub async fn sync_all_items(&self) -> Result<Vec<Item>, CallError> {
         let mut all = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let page = self.sync(Some(100), cursor.as_deref()).await?;
-            all.extend(page.messages);
+            all.extend(page.items);
             match page.cursor {
                 Some(next) => cursor = Some(next),
                 None => return Ok(all),
@@ -304,6 +435,67 @@ impl Client {
 
     pub async fn remove_device(&self, device_id: &str) -> Result<(), CallError> {
         let _: Value = self.call("removeDevice", json!({ "deviceId": device_id })).await?;
+        Ok(())
+    }
+
+    /// uploadKeys; the number of one-time prekeys the device now holds.
+    pub async fn upload_keys(&self, keys: &Keys) -> Result<u64, CallError> {
+        let stored: KeysStored = self.call("uploadKeys", json!(keys)).await?;
+        Ok(stored.one_time_pre_keys)
+    }
+
+    /// getKeys: one bundle per ready device of `user_id` (or just `device_id`),
+    /// each claiming one of that device's one-time prekeys.
+    pub async fn get_keys(
+        &self,
+        user_id: &str,
+        device_id: Option<&str>,
+    ) -> Result<Vec<KeyBundle>, CallError> {
+        let mut fields = json!({ "userId": user_id });
+        if let Some(device) = device_id {
+            fields["deviceId"] = json!(device);
+        }
+        let bundles: KeyBundles = self.call("getKeys", fields).await?;
+        Ok(bundles.devices)
+    }
+
+    pub async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceIdentity>, CallError> {
+        let devices: DeviceIdentities = self.call("listDevices", json!({ "userId": user_id })).await?;
+        Ok(devices.devices)
+    }
+
+    /// sendToDevices; the messageId all the items were stored under.
+    pub async fn send_to_devices(
+        &self,
+        messages: &[ToDevice],
+        client_message_id: Option<&str>,
+    ) -> Result<String, CallError> {
+        let mut fields = json!({ "messages": messages });
+        if let Some(id) = client_message_id {
+            fields["clientMessageId"] = json!(id);
+        }
+        let sent: DevicesSent = self.call("sendToDevices", fields).await?;
+        Ok(sent.message_id.to_string())
+    }
+
+    pub async fn mark_read(&self, chat_id: &str, up_to: &str, private: bool) -> Result<(), CallError> {
+        let _: Value =
+            self.call("markRead", json!({ "chatId": chat_id, "upTo": up_to, "private": private })).await?;
+        Ok(())
+    }
+
+    pub async fn get_receipts(&self, chat_id: &str) -> Result<Vec<Receipt>, CallError> {
+        let receipts: Receipts = self.call("getReceipts", json!({ "chatId": chat_id })).await?;
+        Ok(receipts.receipts)
+    }
+
+    pub async fn typing(&self, chat_id: &str, state: TypingState) -> Result<(), CallError> {
+        let _: Value = self.call("typing", json!({ "chatId": chat_id, "state": state })).await?;
+        Ok(())
+    }
+
+    pub async fn delete_account(&self) -> Result<(), CallError> {
+        let _: Value = self.call("deleteAccount", json!({})).await?;
         Ok(())
     }
 }
