@@ -332,7 +332,7 @@ impl Courier {
             .filter(|r| !(r.device.user == caller.user && r.device.id == caller.device))
             .collect();
         let current: Vec<RecipientDevice> = ready.iter().map(Ready::recipient).collect();
-        if !digest.eq_ignore_ascii_case(&devices_digest(&current)) {
+        if digest != devices_digest(&current) {
             return Err(Error::MismatchedDevices(current));
         }
         Ok(ready.into_iter().map(|r| r.device).collect())
