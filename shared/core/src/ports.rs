@@ -337,7 +337,18 @@ pub trait Wakeups: Send + Sync {
     /// Whether this shape can wake devices of `platform` (deployed: its SNS
     /// platform application is configured; local: a push gateway is set).
     fn serves(&self, platform: Platform) -> bool;
+    /// Checks a new registration (`BadRequest` saying what is wrong: a
+    /// plain-http or private endpoint, keys of the wrong size) and readies it:
+    /// deployed FCM/APNs get an SNS platform endpoint, made only when the
+    /// token differs from `previous`'s (whose endpoint is then released).
+    async fn prepare(
+        &self,
+        registration: PushRegistration,
+        previous: Option<&PushRegistration>,
+    ) -> Result<PushRegistration>;
     async fn wake(&self, user: &UserId, device: &DeviceId, registration: &PushRegistration) -> Result<Woken>;
+    /// Lets go of what `prepare` made (an SNS endpoint); nothing for Web Push.
+    async fn release(&self, registration: &PushRegistration) -> Result<()>;
 }
 
 /// A daily quota on what one user can make the server store.
