@@ -462,6 +462,86 @@ def run(args):
 
     c.call("ack", success("ack", acked))
 
+    # Protocol version 2. Bob's laptop and alice's tablet publish keys too
+    # (the tablet, so that removing it below sends a deviceList), each with
+    # an identity key of its own.
+    def with_body(**fields):
+        def change(ev):
+            body = json.loads(ev["body"])
+            body.update(fields)
+            ev["body"] = json.dumps(body)
+
+        return change
+
+    def both(*changes):
+        def change(ev):
+            for one in changes:
+                one(ev)
+
+        return change
+
+    def keys_of(user, device):
+        asked = json.loads(c.event("upload-keys")["body"])
+        identity = base64.b64encode(hashlib.sha256(f"{user}/{device}".encode()).digest()).decode()
+        return asked | {"identityKey": identity}
+
+    for user, device, connection in [("bob", "laptop", "BobLaptopConn0Q="), ("alice", "tablet", "AliceTabletCo0Q=")]:
+        change = both(as_device(user, device, connection), with_body(**keys_of(user, device)))
+        answer = c.derived("upload-keys", f"{user}-{device}", change)
+        assert frame(answer).get("status") == "SUCCESS", f"keys of {user}/{device}: {answer}"
+
+    def pushed_to(connection, kind):
+        return [json.loads(p["body"]) for p in c.pushes()
+                if p["method"] == "POST" and p["connection"] == connection and f'"type":"{kind}"' in p["body"]]
+
+    def uploaded(data):
+        assert data == {"oneTimePreKeys": len(json.loads(c.event("upload-keys")["body"])["oneTimePreKeys"])}, data
+        told = [f for f in pushed_to("BobLaptopConn0Q=", "deviceList") if f["userId"] == "alice"]
+        assert any(d["deviceId"] == "phone" for f in told for d in f["devices"]), f"bob was not told: {told}"
+
+    c.call("upload-keys", success("upload-keys", uploaded))
+
+    def got_keys(data):
+        [laptop] = data["devices"]
+        assert laptop["deviceId"] == "laptop" and laptop["identityKey"] == keys_of("bob", "laptop")["identityKey"], data
+        assert laptop["oneTimePreKey"] is not None, data
+        assert pushed_to("BobLaptopConn0Q=", "keysLow"), "bob's laptop was not told its keys run low"
+
+    c.call("get-keys", success("get-keys", got_keys))
+
+    def listed_devices(data):
+        assert data == {"devices": [{"deviceId": "laptop", "identityKey": keys_of("bob", "laptop")["identityKey"]}]}, data
+
+    c.call("list-devices", success("list-devices", listed_devices))
+
+    def sent_to_devices(data):
+        assert len(data["messageId"]) == 26, data
+        pushed = [f for f in pushed_to("BobLaptopConn0Q=", "deviceMessage") if f["messageId"] == data["messageId"]]
+        assert len(pushed) == 1, pushed
+
+    c.call("send-to-devices", success("send-to-devices", sent_to_devices))
+
+    up_to = json.loads(c.event("mark-read")["body"])["upTo"]
+
+    def marked(data):
+        assert data == {}, data
+        told = [f for f in pushed_to("BobLaptopConn0Q=", "receipt") if f["userId"] == "alice"]
+        assert told and told[-1]["read"] == up_to, told
+
+    c.call("mark-read", success("mark-read", marked))
+
+    def receipts(data):
+        mine = [r for r in data["receipts"] if r["userId"] == "alice"]
+        assert mine == [{"userId": "alice", "delivered": up_to, "read": up_to}], data
+
+    c.call("get-receipts", success("get-receipts", receipts))
+
+    def typed(data):
+        assert data == {}, data
+        assert pushed_to("BobLaptopConn0Q=", "typing"), "bob's laptop was not told"
+
+    c.call("typing", success("typing", typed))
+
     def removed(data):
         assert data == {}, data
         closed = [p["connection"] for p in c.pushes() if p["method"] == "DELETE"]
@@ -481,6 +561,16 @@ def run(args):
         assert answer is None, answer
 
     c.call("cleanup", cleaned)
+
+    # Last but the disconnect: it takes alice, her chats and her devices away.
+    def deleted(answer):
+        assert answer.get("statusCode") == 200 and not answer.get("body"), answer
+        answered = [json.loads(p["body"]) for p in c.pushes() if p["method"] == "POST" and p["connection"] == alice_phone]
+        assert any(f.get("action") == "deleteAccount" and f.get("status") == "SUCCESS" for f in answered), answered
+        closed = [p["connection"] for p in c.pushes() if p["method"] == "DELETE"]
+        assert alice_phone in closed, f"alice's phone was not closed: {closed}"
+
+    c.call("delete-account", deleted)
     c.call("disconnect", status(200))
 
     # Every AWS call a function made must be one the template grants it.

@@ -23,9 +23,10 @@ use base64::Engine;
 use courier_aws::lambda::{self, WsResponse};
 use courier_core::Courier;
 use courier_core::auth::Verifier;
-use courier_core::domain::{Chat, DAY_MS, InboxKey, Limits, Member, Millis};
+use courier_core::domain::{Caller, Chat, DAY_MS, InboxKey, Limits, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
-use courier_core::ports::{Attachment, Clock, Posted, Push, StoredMessage};
+use courier_core::ports::{Attachment, Clock, Markers, Posted, Push, StoredMessage};
+use courier_core::protocol::{OneTimeKey, SignedKey, UploadKeys};
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
 use serde::de::DeserializeOwned;
@@ -148,9 +149,36 @@ impl World {
             admins: vec![user("alice")],
             created_at: T0 - DAY_MS,
             version: 0,
+            encrypted: false,
         };
         self.courier.ports().chats.create_chat(&chat).await.expect("create the chat");
         chat
+    }
+
+    /// Makes a device ready, as its own `uploadKeys` would: an identity key,
+    /// a signed prekey and `one_time` one-time prekeys. Returns the identity key.
+    async fn ready(&self, who: &str, on: &str, one_time: usize) -> String {
+        let caller =
+            Caller { user: user(who), device: device(on), connection: connection(&format!("{who}-{on}")) };
+        let identity = format!("identity-of-{who}-{on}");
+        let signed = |id: &str| SignedKey {
+            key_id: id.into(),
+            public_key: format!("{id}-of-{who}-{on}"),
+            signature: format!("{id}-signed-by-{who}-{on}"),
+        };
+        let upload = UploadKeys {
+            identity_key: Some(identity.clone()),
+            signed_pre_key: Some(signed("spk")),
+            one_time_pre_keys: (0..one_time)
+                .map(|i| OneTimeKey {
+                    key_id: format!("otk-{i}"),
+                    public_key: format!("otk-{i}-of-{who}-{on}"),
+                })
+                .collect(),
+            fallback_key: Some(signed("fallback")),
+        };
+        self.courier.upload_keys(&caller, upload).await.expect("upload the keys");
+        identity
     }
 
     /// The message events/fanout.json streams, unmarked, in alice's phone's inbox.
@@ -452,4 +480,215 @@ async fn cleanup_expires_devices_unseen_for_30_days() {
     lambda::cleanup(&w.courier).await.expect("cleanup");
     let devices = w.courier.ports().devices.devices_of(&[user("carol")], 0).await.unwrap();
     assert!(devices.is_empty(), "the device is gone: {devices:?}");
+}
+
+#[tokio::test]
+async fn upload_keys_makes_the_device_ready_and_tells_who_shares_a_chat() {
+    let w = World::new();
+    w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    w.connect("alice", "phone", &w.caller_connection("upload-keys")).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let asked = frame("upload-keys");
+    let data = success("upload-keys", &lambda::command(&w.courier, event("upload-keys")).await);
+    assert_eq!(data, json!({"oneTimePreKeys": asked["oneTimePreKeys"].as_array().unwrap().len()}));
+    let keys = w.courier.ports().keys.device_keys(&[user("alice")]).await.unwrap();
+    assert_eq!(keys.len(), 1, "alice's phone is ready");
+    assert_eq!(keys[0].identity_key, asked["identityKey"].as_str().unwrap());
+    assert_eq!(keys[0].signed_pre_key.key_id, asked["signedPreKey"]["keyId"].as_str().unwrap());
+    let told = w.push.to("bob-laptop", "deviceList");
+    assert_eq!(
+        told,
+        [json!({"type": "deviceList", "userId": "alice",
+                "devices": [{"deviceId": "phone", "identityKey": asked["identityKey"]}]})],
+        "bob shares a chat with alice: he hears of her new ready device"
+    );
+
+    // The same upload again (a retry): the stored keyIds are ignored, and nobody is told twice.
+    let again = success("upload-keys", &lambda::command(&w.courier, event("upload-keys")).await);
+    assert_eq!(again, data);
+    assert_eq!(w.push.to("bob-laptop", "deviceList").len(), 1);
+}
+
+#[tokio::test]
+async fn get_keys_hands_out_each_one_time_prekey_once() {
+    let w = World::new();
+    w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let identity = w.ready("bob", "laptop", 1).await;
+    assert_eq!(frame("get-keys")["userId"], "bob");
+    let data = success("get-keys", &lambda::command(&w.courier, event("get-keys")).await);
+    let devices = data["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1, "{data}");
+    assert_eq!(devices[0]["deviceId"], "laptop");
+    assert_eq!(devices[0]["identityKey"], identity);
+    assert_eq!(devices[0]["signedPreKey"]["keyId"], "spk");
+    assert_eq!(devices[0]["oneTimePreKey"]["keyId"], "otk-0");
+    assert_eq!(devices[0]["fallbackKey"]["keyId"], "fallback");
+    assert_eq!(
+        w.push.to("bob-laptop", "keysLow"),
+        [json!({"type": "keysLow", "remaining": 0})],
+        "bob's laptop is told to upload more"
+    );
+
+    // The one-time prekey is gone: the fallback key serves.
+    let again = success("get-keys", &lambda::command(&w.courier, event("get-keys")).await);
+    assert_eq!(again["devices"][0]["oneTimePreKey"], Value::Null, "{again}");
+    assert_eq!(again["devices"][0]["fallbackKey"]["keyId"], "fallback");
+}
+
+#[tokio::test]
+async fn list_devices_lists_the_ready_devices_of_a_co_member() {
+    let w = World::new();
+    w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    w.connect("bob", "phone", "bob-phone").await;
+    let identity = w.ready("bob", "laptop", 0).await;
+    assert_eq!(frame("list-devices")["userId"], "bob");
+    let data = success("list-devices", &lambda::command(&w.courier, event("list-devices")).await);
+    assert_eq!(
+        data,
+        json!({"devices": [{"deviceId": "laptop", "identityKey": identity}]}),
+        "bob's phone has no keys: it is not ready"
+    );
+}
+
+#[tokio::test]
+async fn send_to_devices_stores_and_pushes_a_device_message() {
+    let w = World::new();
+    w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    w.connect("alice", "phone", &w.caller_connection("send-to-devices")).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    w.ready("bob", "laptop", 0).await;
+    let asked = frame("send-to-devices");
+    assert_eq!(asked["messages"][0]["userId"], "bob");
+    assert_eq!(asked["messages"][0]["deviceId"], "laptop");
+    let data = success("send-to-devices", &lambda::command(&w.courier, event("send-to-devices")).await);
+    assert!(is_ulid(&data["messageId"]), "{data}");
+    let pushed = w.push.to("bob-laptop", "deviceMessage");
+    assert_eq!(pushed.len(), 1, "bob's laptop gets it at once");
+    assert_eq!(pushed[0]["messageId"], data["messageId"]);
+    assert_eq!(pushed[0]["userId"], "alice");
+    assert_eq!(pushed[0]["deviceId"], "phone");
+    assert_eq!(pushed[0]["body"], asked["messages"][0]["body"]);
+    let inbox = InboxKey::Device(user("bob"), device("laptop"));
+    let held = w.courier.ports().messages.inbox_page(&inbox, None, 10, w.clock.now()).await.unwrap();
+    assert_eq!(held.len(), 1, "and it waits in bob's inbox until acked");
+
+    // The same event again (a retry) is the same device message, delivered once.
+    let again = success("send-to-devices", &lambda::command(&w.courier, event("send-to-devices")).await);
+    assert_eq!(again["messageId"], data["messageId"], "clientMessageId makes a retry harmless");
+    assert_eq!(w.push.to("bob-laptop", "deviceMessage").len(), 1);
+}
+
+#[tokio::test]
+async fn mark_read_moves_the_markers_and_tells_the_chat() {
+    let w = World::new();
+    let asked = frame("mark-read");
+    let chat = w.chat(asked["chatId"].as_str().unwrap()).await;
+    w.connect("alice", "phone", &w.caller_connection("mark-read")).await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let data = success("mark-read", &lambda::command(&w.courier, event("mark-read")).await);
+    assert_eq!(data, json!({}));
+    let up_to = &asked["upTo"];
+    assert_eq!(
+        w.push.to("bob-laptop", "receipt"),
+        [
+            json!({"type": "receipt", "chatId": chat.id.as_str(), "userId": "alice", "delivered": up_to, "read": up_to})
+        ]
+    );
+    let markers: Vec<(UserId, Markers)> = w.courier.ports().receipts.receipts(&chat.id).await.unwrap();
+    let up_to = MessageId::try_from(up_to.as_str().unwrap()).unwrap();
+    assert_eq!(
+        markers,
+        [(
+            user("alice"),
+            Markers { delivered: Some(up_to.clone()), read: Some(up_to.clone()), private_read: Some(up_to) }
+        )]
+    );
+
+    // Again: the markers are there already, so nothing moves and nobody is told.
+    success("mark-read", &lambda::command(&w.courier, event("mark-read")).await);
+    assert_eq!(w.push.to("bob-laptop", "receipt").len(), 1);
+}
+
+#[tokio::test]
+async fn get_receipts_shows_every_participants_markers() {
+    let w = World::new();
+    let chat = w.chat(frame("get-receipts")["chatId"].as_str().unwrap()).await;
+    let read = MessageId::try_from(frame("mark-read")["upTo"].as_str().unwrap()).unwrap();
+    let bob_read = Markers { delivered: Some(read.clone()), read: Some(read.clone()), private_read: None };
+    w.courier.ports().receipts.advance(&chat.id, &user("bob"), &bob_read).await.unwrap();
+    let data = success("get-receipts", &lambda::command(&w.courier, event("get-receipts")).await);
+    assert_eq!(
+        data,
+        json!({"receipts": [
+            {"userId": "alice", "delivered": null, "read": null},
+            {"userId": "bob", "delivered": read.as_str(), "read": read.as_str()},
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn typing_tells_the_other_participants_and_stores_nothing() {
+    let w = World::new();
+    let asked = frame("typing");
+    w.chat(asked["chatId"].as_str().unwrap()).await;
+    w.connect("alice", "phone", &w.caller_connection("typing")).await;
+    w.connect("alice", "tablet", "alice-tablet").await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    let data = success("typing", &lambda::command(&w.courier, event("typing")).await);
+    assert_eq!(data, json!({}));
+    assert_eq!(
+        w.push.to("bob-laptop", "typing"),
+        [
+            json!({"type": "typing", "chatId": asked["chatId"], "userId": "alice", "deviceId": "phone", "state": "start"})
+        ]
+    );
+    assert!(w.push.to("alice-tablet", "typing").is_empty(), "the other participants' devices only");
+    let inbox = InboxKey::Device(user("bob"), device("laptop"));
+    let held = w.courier.ports().messages.inbox_page(&inbox, None, 10, w.clock.now()).await.unwrap();
+    assert!(held.is_empty(), "nothing of it is stored");
+
+    // Within a second the same device's typing to the same chat goes nowhere.
+    success("typing", &lambda::command(&w.courier, event("typing")).await);
+    assert_eq!(w.push.to("bob-laptop", "typing").len(), 1);
+}
+
+#[tokio::test]
+async fn delete_account_removes_the_user_and_closes_their_connections() {
+    let w = World::new();
+    let chat = w.chat(frame("send-message")["chatId"].as_str().unwrap()).await;
+    let own = w.caller_connection("delete-account");
+    w.connect("alice", "phone", &own).await;
+    w.connect("alice", "tablet", "alice-tablet").await;
+    w.connect("bob", "laptop", "bob-laptop").await;
+    w.ready("alice", "phone", 2).await;
+    let response = lambda::command(&w.courier, event("delete-account")).await;
+    // The answer goes out through the connection before it is closed, not as the route response.
+    assert_eq!(response.status_code, 200);
+    assert!(response.body.is_none(), "{response:?}");
+    let answered = w.push.to(&own, "response");
+    assert_eq!(answered.len(), 1, "the SUCCESS is pushed to the asking connection");
+    assert_eq!(answered[0]["action"], "deleteAccount");
+    assert_eq!(answered[0]["requestId"], frame("delete-account")["requestId"]);
+    assert_eq!(answered[0]["status"], "SUCCESS");
+    assert_eq!(*w.push.closed.lock().unwrap(), ["alice-tablet", own.as_str()], "its own connection last");
+
+    let ports = w.courier.ports();
+    assert!(ports.devices.devices_of(&[user("alice")], 0).await.unwrap().is_empty(), "no device left");
+    assert!(ports.keys.device_keys(&[user("alice")]).await.unwrap().is_empty(), "no key left");
+    let left = ports.chats.chat(&chat.id).await.unwrap().expect("the chat goes on");
+    assert_eq!(left.participants(), [user("bob")]);
+    assert_eq!(left.admins, [user("bob")], "admin succession, as if alice had left");
+    assert!(!w.push.to("bob-laptop", "chatUpdate").is_empty(), "bob hears that alice left");
+    assert_eq!(
+        w.push.to("bob-laptop", "deviceList").last(),
+        Some(&json!({"type": "deviceList", "userId": "alice", "devices": []})),
+        "and that she has no device left"
+    );
+
+    // Final and idempotent: a second deleteAccount finds nothing left.
+    let again = lambda::command(&w.courier, event("delete-account")).await;
+    assert_eq!(again.status_code, 200);
+    assert_eq!(w.push.to(&own, "response").len(), 2);
 }

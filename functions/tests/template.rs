@@ -478,9 +478,29 @@ fn streams_queues_and_schedule_feed_the_right_functions() {
     }
 }
 
-/// The functions whose handlers push or close connections (Push::post, Push::close).
-const PUSHERS: [&str; 6] =
-    ["connect", "create-chat", "send-message", "modify-chat-participants", "remove-device", "deliver"];
+/// The functions whose handlers push or close connections (Push::post,
+/// Push::close). Since protocol version 2 that includes ack (receipts),
+/// cleanup (deviceList when a device expires) and every new command but
+/// the read-only listDevices and getReceipts.
+const PUSHERS: [&str; 14] = [
+    "connect",
+    "create-chat",
+    "send-message",
+    "modify-chat-participants",
+    "remove-device",
+    "deliver",
+    "ack",
+    "cleanup",
+    "upload-keys",
+    "get-keys",
+    "send-to-devices",
+    "mark-read",
+    "typing",
+    "delete-account",
+];
+
+/// The functions whose handlers delete stored attachment bytes (Blobs::delete).
+const BLOB_DELETERS: [&str; 1] = ["delete-account"];
 
 #[test]
 fn grants_are_scoped_to_the_stacks_own_resources() {
@@ -489,6 +509,7 @@ fn grants_are_scoped_to_the_stacks_own_resources() {
         assert!(f["Properties"]["Role"].is_null(), "{id}: SAM makes one role per function");
         let binary = f["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or_default();
         let mut manages = false;
+        let mut deletes = false;
         for statement in t.statements(id) {
             assert_eq!(statement["Effect"], "Allow", "{id}");
             let actions = match &statement["Action"] {
@@ -511,6 +532,13 @@ fn grants_are_scoped_to_the_stacks_own_resources() {
                     "{id}: {resource} is not one of this stack's resources"
                 );
             }
+            if actions.iter().any(|a| a == "s3:DeleteObject") {
+                assert!(
+                    BLOB_DELETERS.contains(&binary),
+                    "{id}: s3:DeleteObject, but its handler deletes no blob"
+                );
+                deletes = true;
+            }
             if actions.iter().any(|a| a == "execute-api:ManageConnections") {
                 manages = true;
                 for resource in &resources {
@@ -526,6 +554,11 @@ fn grants_are_scoped_to_the_stacks_own_resources() {
             manages,
             PUSHERS.contains(&binary),
             "{id}: execute-api:ManageConnections iff its handler pushes"
+        );
+        assert_eq!(
+            deletes,
+            BLOB_DELETERS.contains(&binary),
+            "{id}: s3:DeleteObject iff its handler deletes blobs"
         );
     }
     assert!(
@@ -617,4 +650,39 @@ fn sam_cache_inputs_link_the_workspace() {
             "functions/.sam-cache-inputs misses a crate: {line}"
         );
     }
+}
+
+#[test]
+fn every_route_is_deployed_and_every_function_watched() {
+    let t = Template::load();
+    // AutoDeploy deploys what exists when the stage is made: a route the
+    // stage does not wait for may be missing from the first deployment.
+    let waits: BTreeSet<&str> = t.resource("Stage")["DependsOn"]
+        .as_array()
+        .expect("Stage DependsOn")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for (id, _) in t.of_type("AWS::ApiGatewayV2::Route") {
+        assert!(waits.contains(id), "the Stage does not depend on {id}");
+    }
+
+    // Each function's own failures raise an alarm, except the authorizer's:
+    // its errors are refused tokens.
+    let alarmed: BTreeSet<String> = t
+        .of_type("AWS::CloudWatch::Alarm")
+        .into_iter()
+        .filter(|(_, a)| a["Properties"]["MetricName"] == "Errors")
+        .flat_map(|(_, a)| referenced(&a["Properties"]["Dimensions"][0]["Value"]))
+        .collect();
+    for (id, _) in t.of_type("AWS::Serverless::Function") {
+        assert_eq!(alarmed.contains(id), id != "AuthorizerFunction", "{id}'s Errors alarm");
+    }
+
+    // The output that names the tables names them all.
+    let outputs = &t.doc["Outputs"]["TableNames"]["Value"]["Fn::Join"][1];
+    let named: BTreeSet<String> =
+        outputs.as_array().expect("TableNames joins a list").iter().flat_map(referenced).collect();
+    let tables: BTreeSet<String> = schema::TABLES.iter().map(|s| format!("{}Table", s.logical)).collect();
+    assert_eq!(named, tables, "Outputs.TableNames");
 }

@@ -287,6 +287,7 @@ impl World {
             admins: vec![id(UserId::try_from("alice"))],
             created_at: now - DAY_MS,
             version: 0,
+            encrypted: false,
         };
         let world = World { courier: Courier::new(ports, limits), runtime, fixture };
         world.run(world.courier.ports().chats.create_chat(&world.fixture)).expect("the fixture chat");
@@ -299,20 +300,27 @@ impl World {
     }
 
     /// Puts back what a command may have taken from the fixture (a member,
-    /// a device), so that later inputs meet the same state.
+    /// a device, the whole of alice's account), so that later inputs meet
+    /// the same state.
     fn restore_after(&self, command: &Command) {
         match command {
-            Command::ModifyChatParticipants(_) => {
-                let chats = &self.courier.ports().chats;
-                if let Ok(Some(chat)) = self.run(chats.chat(&self.fixture.id))
-                    && chat.members != self.fixture.members
-                {
-                    let restored = Chat { version: chat.version + 1, ..self.fixture.clone() };
-                    let _ = self.run(chats.update_chat(&restored, chat.version));
-                }
-            }
+            Command::ModifyChatParticipants(_) => self.restore_members(),
             Command::RemoveDevice(_) => self.reconnect(),
+            Command::DeleteAccount(_) => {
+                self.restore_members();
+                self.reconnect();
+            }
             _ => {}
+        }
+    }
+
+    fn restore_members(&self) {
+        let chats = &self.courier.ports().chats;
+        if let Ok(Some(chat)) = self.run(chats.chat(&self.fixture.id))
+            && chat.members != self.fixture.members
+        {
+            let restored = Chat { version: chat.version + 1, ..self.fixture.clone() };
+            let _ = self.run(chats.update_chat(&restored, chat.version));
         }
     }
 
