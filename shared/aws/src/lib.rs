@@ -36,6 +36,8 @@ pub struct Names {
     pub messages_table: String,
     pub inbox_table: String,
     pub attachments_table: String,
+    pub keys_table: String,
+    pub receipts_table: String,
     pub jobs_queue_url: String,
     pub media_bucket: String,
     /// The Management API endpoint, `https://{api}.execute-api.{region}.amazonaws.com/{stage}`.
@@ -43,7 +45,7 @@ pub struct Names {
 }
 
 /// Every environment variable [`Names::from_env`] reads; the template test checks the template sets each.
-pub const ENV_VARS: [&str; 10] = [
+pub const ENV_VARS: [&str; 12] = [
     "COURIER_CHATS_TABLE",
     "COURIER_PARTICIPANTS_TABLE",
     "COURIER_DEVICES_TABLE",
@@ -51,6 +53,8 @@ pub const ENV_VARS: [&str; 10] = [
     "COURIER_MESSAGES_TABLE",
     "COURIER_INBOX_TABLE",
     "COURIER_ATTACHMENTS_TABLE",
+    "COURIER_KEYS_TABLE",
+    "COURIER_RECEIPTS_TABLE",
     "COURIER_JOBS_QUEUE_URL",
     "COURIER_MEDIA_BUCKET",
     "COURIER_CONNECTIONS_ENDPOINT",
@@ -71,9 +75,11 @@ impl Names {
             messages_table: var(ENV_VARS[4])?,
             inbox_table: var(ENV_VARS[5])?,
             attachments_table: var(ENV_VARS[6])?,
-            jobs_queue_url: var(ENV_VARS[7])?,
-            media_bucket: var(ENV_VARS[8])?,
-            connections_endpoint: var(ENV_VARS[9])?,
+            keys_table: var(ENV_VARS[7])?,
+            receipts_table: var(ENV_VARS[8])?,
+            jobs_queue_url: var(ENV_VARS[9])?,
+            media_bucket: var(ENV_VARS[10])?,
+            connections_endpoint: var(ENV_VARS[11])?,
         })
     }
 
@@ -87,6 +93,8 @@ impl Names {
             messages_table: format!("{prefix}-messages"),
             inbox_table: format!("{prefix}-inbox"),
             attachments_table: format!("{prefix}-attachments"),
+            keys_table: format!("{prefix}-keys"),
+            receipts_table: format!("{prefix}-receipts"),
             jobs_queue_url: jobs_queue_url.to_owned(),
             media_bucket: format!("{prefix}-media"),
             connections_endpoint: connections_endpoint.to_owned(),
@@ -163,7 +171,9 @@ impl Aws {
             devices: tables.clone(),
             messages: tables.clone(),
             attachments: tables.clone(),
-            quotas: tables,
+            quotas: tables.clone(),
+            keys: tables.clone(),
+            receipts: tables,
             blobs: Arc::new(S3Blobs::new(self.s3.clone(), self.names.media_bucket.clone())),
             push: Arc::new(ApiGatewayPush::new(self.management.clone())),
             jobs: Arc::new(SqsJobs::new(self.sqs.clone(), self.names.jobs_queue_url.clone(), clock.clone())),

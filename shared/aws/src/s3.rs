@@ -110,4 +110,17 @@ impl Blobs for S3Blobs {
             Err(e) => Err(super::sdk_error(e)),
         }
     }
+
+    /// DeleteObject answers 204 whether or not the object was there, so a
+    /// repeated deletion (a retried deleteAccount) is no error.
+    async fn delete(&self, attachment: &Attachment) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(Self::key(attachment))
+            .send()
+            .await
+            .map_err(super::sdk_error)?;
+        Ok(())
+    }
 }

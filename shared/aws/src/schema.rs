@@ -9,8 +9,19 @@
 //! | devices | `userId`, `deviceId` | live connectionId, lastSeen, TTL lastSeen + 30 d |
 //! | connections | `connectionId` | userId, deviceId, TTL connectedAt + 2 h 10 min |
 //! | messages | `chatId`, `messageId` | the wire JSON until fan-out is done, recipients, fannedOut, TTL; streamed. Dedupe rows share it under `messageId` = `dedupe#user#device#clientMessageId` |
-//! | inbox | `inbox` (`user#device` or `user#*`), `messageId` | the wire JSON, TTL 30 d |
-//! | attachments | `attachmentId` | uploader, contentType, size, sha256, chats (a string set); TTL enabled, but no row carries `expiresAt` yet (see `DynamoTables`' attachment impl) |
+//! | inbox | `inbox` (`user#device` or `user#*`), `messageId` | the wire JSON, TTL 30 d. The dedupe rows of sendToDevices share it under `inbox` = `dedupe#user#device`, `messageId` = clientMessageId |
+//! | attachments | `attachmentId`; index `byUploader`: `uploader`, `attachmentId` | uploader, contentType, size, sha256, chats (a string set); TTL enabled, but no row carries `expiresAt` yet (see `DynamoTables`' attachment impl) |
+//! | keys | `userId`, `entry` | `bundle#device`: a ready device's identity key, signed prekey, fallback key and its count of one-time prekeys; `otk#device#keyId`: one one-time prekey; `claims#user#device#hour#scope`: an hourly claim counter, TTL |
+//! | receipts | `chatId`, `userId` | the participant's delivered, read and privateRead markers |
+//!
+//! Protocol version 2 added the `Keys` and `Receipts` tables (template.yaml's
+//! `KeysTable` and `ReceiptsTable`, `COURIER_KEYS_TABLE` and
+//! `COURIER_RECEIPTS_TABLE`) and the `byUploader` index of `Attachments`.
+//! Which functions reach them (the ports' callers in courier-core): Keys
+//! uploadKeys, getKeys, listDevices, sendToDevices, sendMessage (encrypted
+//! chats), removeDevice, deleteAccount and cleanup; Receipts markRead,
+//! getReceipts, ack (the delivered marker), modifyChatParticipants and
+//! deleteAccount (forgetting a leaver's markers); deleteAccount queries `byUploader`.
 
 /// One key attribute: its name and DynamoDB type (`S` or `N`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +102,31 @@ pub const ATTACHMENTS: Table = Table {
     logical: "Attachments",
     hash: s("attachmentId"),
     range: None,
+    // deleteAccount: the user's uploads, without a scan.
+    indexes: &[Index { name: "byUploader", hash: s("uploader"), range: Some(s("attachmentId")) }],
+    ttl: Some(TTL),
+    stream: false,
+};
+/// Only the claim counters carry `expiresAt`; keys live until claimed or removed.
+pub const KEYS: Table = Table {
+    logical: "Keys",
+    hash: s("userId"),
+    range: Some(s("entry")),
     indexes: &[],
     ttl: Some(TTL),
     stream: false,
 };
+pub const RECEIPTS: Table = Table {
+    logical: "Receipts",
+    hash: s("chatId"),
+    range: Some(s("userId")),
+    indexes: &[],
+    ttl: None,
+    stream: false,
+};
 
-pub const TABLES: [Table; 7] = [CHATS, PARTICIPANTS, DEVICES, CONNECTIONS, MESSAGES, INBOX, ATTACHMENTS];
+pub const TABLES: [Table; 9] =
+    [CHATS, PARTICIPANTS, DEVICES, CONNECTIONS, MESSAGES, INBOX, ATTACHMENTS, KEYS, RECEIPTS];
 
 impl Table {
     /// This table's name among `names`.
@@ -108,6 +138,8 @@ impl Table {
             "Connections" => &names.connections_table,
             "Messages" => &names.messages_table,
             "Inbox" => &names.inbox_table,
+            "Keys" => &names.keys_table,
+            "Receipts" => &names.receipts_table,
             _ => &names.attachments_table,
         }
     }

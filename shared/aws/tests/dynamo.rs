@@ -17,13 +17,20 @@ fn tables_of(store: DynamoTables) -> Tables {
         devices: Arc::new(store.clone()),
         messages: Arc::new(store.clone()),
         attachments: Arc::new(store.clone()),
-        quotas: Arc::new(store),
+        quotas: Arc::new(store.clone()),
+        keys: Arc::new(store.clone()),
+        receipts: Arc::new(store),
     }
 }
 
 #[tokio::test]
 async fn dynamodb_keeps_the_table_contract() {
-    let moto = moto::shared().await;
+    // A server of its own: moto applies a conditional write's check and its
+    // change without a lock, so the racing checks (quota charges, claims,
+    // markers) can see two writes interleave there, and they do once the
+    // other tests here load the same server. DynamoDB applies each
+    // conditional write atomically.
+    let moto = moto::MotoServer::start().await;
     let names = moto.tables("contract").await;
     let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config());
     // Not `contract::racing_devices`: it fails on moto about one run in
@@ -319,4 +326,327 @@ async fn unprocessed_batch_items_are_retried_then_given_up_on() {
     let err = t.store(&message(), None, now + DAY_MS).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
     assert_eq!(calls().get("BatchWriteItem"), Some(&DynamoTables::BATCH_ATTEMPTS.into()), "bounded");
+}
+
+/// A client whose every request the meter sees, sized by the tables of `names`.
+fn metered(moto: &moto::MotoServer, names: &courier_aws::Names) -> (aws_sdk_dynamodb::Client, Meter) {
+    let meter = Meter::new();
+    meter.watch(names);
+    let config =
+        aws_sdk_dynamodb::config::Builder::from(&moto.sdk_config()).interceptor(meter.clone()).build();
+    (aws_sdk_dynamodb::Client::from_conf(config), meter)
+}
+
+/// The requests and units of the version 2 operations, pinned: the figures
+/// of docs/cost.md's "Key directory, device messages and receipt markers".
+/// Sizes as a real client makes them: UUID user ids, 44-character Curve25519
+/// keys in base64, 88-character signatures.
+#[tokio::test]
+async fn version_2_requests_per_operation() {
+    use std::collections::BTreeMap;
+
+    use courier_core::ids::IdGen;
+    use courier_core::ports::{
+        AttachmentStore, KeyStore, KeyUpload, Markers, OneTimeKey, ReceiptStore, SignedKey, Uploaded,
+    };
+
+    let moto = moto::shared().await;
+    let names = moto.tables("calls2").await;
+    let (client, meter) = metered(moto, &names);
+    let t = DynamoTables::new(client, names);
+    let ids = IdGen::new();
+    let now: Millis = 1_800_000_000_000;
+    let user = |name: &str| UserId::try_from(format!("{name}0000-1111-2222-3333-444444444444")).unwrap();
+    let (a, b) = (user("aaaa"), user("bbbb"));
+    let (phone, laptop) = (DeviceId::try_from("phone").unwrap(), DeviceId::try_from("laptop").unwrap());
+    let key = |i: usize| format!("{i:0>43}=");
+    let signed =
+        |id: &str| SignedKey { key_id: id.into(), public_key: key(7), signature: format!("{:0>86}==", 9) };
+    let one_time = |range: std::ops::Range<usize>| {
+        range.map(|i| OneTimeKey { key_id: i.to_string(), public_key: key(i) }).collect::<Vec<_>>()
+    };
+    // Requests by operation, read and write units in all; no item's size guessed.
+    let take = || {
+        let usage = meter.take();
+        assert_eq!(usage.unsized_items, 0, "{usage}");
+        println!("{usage}");
+        (usage.requests_to("DynamoDB"), usage.read_units_total(), usage.write_units_total())
+    };
+    let expect = |pairs: &[(&str, u64)], rru: f64, wru: f64| {
+        let requests: BTreeMap<String, u64> = pairs.iter().map(|(op, n)| (op.to_string(), *n)).collect();
+        (requests, rru, wru)
+    };
+
+    // uploadKeys, a device's first: the bundle read, the keyIds looked up,
+    // the bundle and 99 keys in one transaction, the 100th key on its own,
+    // the count read back.
+    let first = KeyUpload {
+        identity_key: Some(key(1)),
+        signed_pre_key: Some(signed("s1")),
+        one_time_pre_keys: one_time(0..100),
+        fallback_key: Some(signed("f1")),
+    };
+    let stored = t.upload_keys(&b, &phone, &first, 200).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 100, became_ready: true });
+    assert_eq!(
+        take(),
+        expect(
+            &[("BatchGetItem", 1), ("GetItem", 2), ("PutItem", 1), ("TransactWriteItems", 1)],
+            102.0,
+            201.0
+        ),
+        "uploadKeys: first, with 100 one-time prekeys"
+    );
+    let more = KeyUpload { one_time_pre_keys: one_time(100..150), ..KeyUpload::default() };
+    t.upload_keys(&b, &phone, &more, 200).await.unwrap();
+    assert_eq!(
+        take(),
+        expect(&[("BatchGetItem", 1), ("GetItem", 2), ("TransactWriteItems", 1)], 52.0, 102.0),
+        "uploadKeys: 50 more"
+    );
+    let rotate = KeyUpload { signed_pre_key: Some(signed("s2")), ..KeyUpload::default() };
+    t.upload_keys(&b, &phone, &rotate, 200).await.unwrap();
+    assert_eq!(take(), expect(&[("GetItem", 2), ("TransactWriteItems", 1)], 2.0, 2.0), "a new signed prekey");
+    t.upload_keys(&b, &laptop, &KeyUpload { one_time_pre_keys: Vec::new(), ..first.clone() }, 200)
+        .await
+        .unwrap();
+    take();
+
+    // getKeys of one device: its claim counters, the bundles, one claim.
+    let claimer = InboxKey::Device(a.clone(), phone.clone());
+    let scope = InboxKey::Device(b.clone(), phone.clone()).key();
+    assert!(t.count_claims(&claimer, "*", now / 3_600_000, 1, 600).await.unwrap());
+    assert!(t.count_claims(&claimer, &scope, now / 3_600_000, 1, 5).await.unwrap());
+    assert_eq!(take(), expect(&[("UpdateItem", 2)], 0.0, 2.0), "two claim counters");
+    assert_eq!(t.device_keys(std::slice::from_ref(&b)).await.unwrap().len(), 2);
+    assert_eq!(take(), expect(&[("Query", 1)], 1.0, 0.0), "the bundles of a user's devices: one Query");
+    let (claimed, left) = t.claim_one_time_key(&b, &phone).await.unwrap();
+    assert_eq!((claimed.is_some(), left), (true, 149));
+    assert_eq!(
+        take(),
+        expect(&[("DeleteItem", 1), ("Query", 1), ("UpdateItem", 1)], 1.0, 2.0),
+        "a claim: the count, ten candidates, one delete"
+    );
+    assert_eq!(t.claim_one_time_key(&b, &laptop).await.unwrap(), (None, 0));
+    assert_eq!(take(), expect(&[("UpdateItem", 1)], 0.0, 1.0), "none left: the count alone says so");
+    t.one_time_key_count(&b, &phone).await.unwrap();
+    assert_eq!(take(), expect(&[("GetItem", 1)], 1.0, 0.0), "uploadKeys {{}}");
+
+    // sendToDevices to two devices, with a clientMessageId: the claim holding
+    // the batch, the inbox rows, the claim let go of the batch.
+    let dedupe = DedupeKey { user: a.clone(), device: phone.clone(), client_message_id: "k".into() };
+    let id = ids.message(now);
+    let body = |to: &str| {
+        format!(
+            r#"{{"type":"deviceMessage","messageId":"{id}","userId":"{a}","deviceId":"phone","body":"{}","timestamp":{now}}}"#,
+            to.repeat(200)
+        )
+    };
+    let two = [
+        (InboxKey::Device(b.clone(), phone.clone()), body("p")),
+        (InboxKey::Device(b.clone(), laptop.clone()), body("l")),
+    ];
+    assert_eq!(t.store_device_messages(&id, &two, Some(&dedupe), now + 30 * DAY_MS).await.unwrap(), None);
+    assert_eq!(
+        take(),
+        expect(&[("BatchWriteItem", 1), ("PutItem", 1), ("UpdateItem", 1)], 0.0, 4.0),
+        "sendToDevices: two devices"
+    );
+    let retry = ids.message(now + 1);
+    let found = t.store_device_messages(&retry, &two, Some(&dedupe), now + 30 * DAY_MS).await.unwrap();
+    assert_eq!(found, Some(id.clone()));
+    assert_eq!(take(), expect(&[("GetItem", 1), ("PutItem", 1)], 1.0, 1.0), "a retry: the claim is found");
+    let plain = ids.message(now + 2);
+    t.store_device_messages(&plain, &two, None, now + 30 * DAY_MS).await.unwrap();
+    assert_eq!(take(), expect(&[("BatchWriteItem", 1)], 0.0, 2.0), "without a clientMessageId");
+
+    // Receipts: markRead moves three markers at once; an ack's move of the
+    // delivered marker is one update; getReceipts one Query.
+    let chat = ids.chat(now);
+    let m: Vec<MessageId> = (0..3).map(|i| ids.message(now + i)).collect();
+    let up_to = |i: usize| Some(m[i].clone());
+    t.advance(&chat, &b, &Markers { delivered: up_to(1), ..Markers::default() }).await.unwrap();
+    assert_eq!(take(), expect(&[("UpdateItem", 1)], 0.0, 1.0), "ack: the delivered marker");
+    let read = Markers { delivered: up_to(0), read: up_to(0), private_read: up_to(0) };
+    t.advance(&chat, &b, &read).await.unwrap();
+    assert_eq!(
+        take(),
+        expect(&[("UpdateItem", 2)], 0.0, 2.0),
+        "markRead behind the delivered marker: the failed try costs its unit"
+    );
+    let read = Markers { delivered: up_to(2), read: up_to(2), private_read: up_to(2) };
+    t.advance(&chat, &b, &read).await.unwrap();
+    assert_eq!(take(), expect(&[("UpdateItem", 1)], 0.0, 1.0), "markRead: all three markers");
+    t.advance(&chat, &a, &read).await.unwrap();
+    take();
+    assert_eq!(t.receipts(&chat).await.unwrap().len(), 2);
+    assert_eq!(take(), expect(&[("Query", 1)], 1.0, 0.0), "getReceipts");
+    t.remove_receipts(&chat, &a).await.unwrap();
+    assert_eq!(take(), expect(&[("DeleteItem", 1)], 0.0, 1.0), "a participant leaves");
+
+    // deleteAccount's share: keys, the pending inbox, attachments by uploader.
+    t.remove_keys(&b, &phone).await.unwrap();
+    assert_eq!(
+        take(),
+        expect(&[("BatchWriteItem", 6), ("DeleteItem", 1), ("Query", 1)], 5.0, 150.0),
+        "removing a device's keys: 149 one-time prekeys and the bundle"
+    );
+    t.drop_pending(&b).await.unwrap();
+    assert_eq!(take(), expect(&[("Query", 1)], 1.0, 0.0), "no pending inbox: one Query finds none");
+    assert!(t.remove_attachments_of(&b).await.unwrap().is_empty());
+    assert_eq!(take(), expect(&[("Query", 1)], 0.5, 0.0), "no attachments: the index Query alone");
+}
+
+/// What the contract cannot see of the version 2 tables: the upload split
+/// past TransactWriteItems' 100 items, a count left above the keys by a
+/// crash, a sendToDevices that died between its claim and its inbox rows,
+/// and chat rows written before encrypted chats existed.
+#[tokio::test]
+async fn version_2_dynamodb_specifics() {
+    use courier_core::ids::IdGen;
+    use courier_core::ports::{KeyStore, KeyUpload, OneTimeKey, SignedKey, Uploaded};
+
+    let moto = moto::shared().await;
+    let names = moto.tables("specifics2").await;
+    let client = aws_sdk_dynamodb::Client::new(&moto.sdk_config());
+    let t = DynamoTables::new(client.clone(), names.clone());
+    let ids = IdGen::new();
+    let now: Millis = 1_800_000_000_000;
+    let (u, phone) = (UserId::try_from("u").unwrap(), DeviceId::try_from("phone").unwrap());
+    let one_time = |range: std::ops::Range<usize>| {
+        range
+            .map(|i| OneTimeKey { key_id: format!("k{i}"), public_key: format!("otk-{i}") })
+            .collect::<Vec<_>>()
+    };
+    let signed = SignedKey { key_id: "s".into(), public_key: "spk".into(), signature: "sig".into() };
+
+    // An upload of 100 new keys is 101 writes: the transaction holds 100, so
+    // the last key goes after it, and every key is there and counted once.
+    let first = KeyUpload {
+        identity_key: Some("id".into()),
+        signed_pre_key: Some(signed),
+        one_time_pre_keys: one_time(0..100),
+        fallback_key: None,
+    };
+    let stored = t.upload_keys(&u, &phone, &first, 200).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 100, became_ready: true });
+    let second = KeyUpload { one_time_pre_keys: one_time(50..150), ..KeyUpload::default() };
+    let stored = t.upload_keys(&u, &phone, &second, 200).await.unwrap();
+    assert_eq!(
+        stored,
+        Uploaded::Stored { one_time_keys: 150, became_ready: false },
+        "50 were stored already"
+    );
+    let over = KeyUpload { one_time_pre_keys: one_time(150..201), ..KeyUpload::default() };
+    assert_eq!(t.upload_keys(&u, &phone, &over, 200).await.unwrap(), Uploaded::TooManyOneTimeKeys);
+    let to_cap = KeyUpload { one_time_pre_keys: one_time(150..200), ..KeyUpload::default() };
+    let stored = t.upload_keys(&u, &phone, &to_cap, 200).await.unwrap();
+    assert_eq!(stored, Uploaded::Stored { one_time_keys: 200, became_ready: false });
+
+    // 40 claims racing for 15 keys: 15 distinct keys handed out, 25 none.
+    let (v, tablet) = (UserId::try_from("v").unwrap(), DeviceId::try_from("tablet").unwrap());
+    let fifteen =
+        KeyUpload { one_time_pre_keys: one_time(0..15), identity_key: Some("idv".into()), ..first.clone() };
+    t.upload_keys(&v, &tablet, &fifteen, 200).await.unwrap();
+    let claims = (0..40).map(|_| t.claim_one_time_key(&v, &tablet));
+    let outcomes: Vec<_> =
+        futures_util::future::join_all(claims).await.into_iter().map(Result::unwrap).collect();
+    let mut handed: Vec<String> =
+        outcomes.iter().filter_map(|(k, _)| k.as_ref().map(|k| k.key_id.clone())).collect();
+    assert_eq!(handed.len(), 15);
+    handed.sort();
+    handed.dedup();
+    assert_eq!(handed.len(), 15, "no key twice");
+    assert_eq!(outcomes.iter().filter(|(k, _)| k.is_none()).count(), 25);
+
+    // A crash after the transaction, before the keys put after it: the
+    // count is above the keys. A claim that finds none says so, and its
+    // decrement brings the count back to the keys.
+    let (w, laptop) = (UserId::try_from("w").unwrap(), DeviceId::try_from("laptop").unwrap());
+    let three =
+        KeyUpload { one_time_pre_keys: one_time(0..3), identity_key: Some("idw".into()), ..first.clone() };
+    t.upload_keys(&w, &laptop, &three, 200).await.unwrap();
+    client
+        .delete_item()
+        .table_name(&names.keys_table)
+        .key("userId", AttributeValue::S(w.to_string()))
+        .key("entry", AttributeValue::S("otk#laptop#k1".into()))
+        .send()
+        .await
+        .unwrap();
+    let mut claims = Vec::new();
+    for _ in 0..3 {
+        let (key, left) = t.claim_one_time_key(&w, &laptop).await.unwrap();
+        claims.push((key.map(|k| k.key_id), left));
+    }
+    let lefts: Vec<u64> = claims.iter().map(|(_, left)| *left).collect();
+    assert_eq!(lefts, vec![2, 1, 0], "{claims:?}");
+    let mut handed: Vec<Option<String>> = claims.into_iter().map(|(key, _)| key).collect();
+    handed.sort();
+    assert_eq!(handed, vec![None, Some("k0".into()), Some("k2".into())], "the two keys there, then none");
+    assert_eq!(t.one_time_key_count(&w, &laptop).await.unwrap(), 0);
+    assert_eq!(t.claim_one_time_key(&w, &laptop).await.unwrap(), (None, 0));
+
+    // A sendToDevices that died after its claim, before its inbox rows: the
+    // claim still holds the batch, and the retry writes it under the first id.
+    let to = InboxKey::Device(v.clone(), tablet.clone());
+    let first_id = ids.message(now);
+    let body = format!(r#"{{"type":"deviceMessage","messageId":"{first_id}","body":"x"}}"#);
+    let batch = AttributeValue::L(vec![AttributeValue::M(
+        [
+            ("inbox".to_owned(), AttributeValue::S(to.key())),
+            ("body".to_owned(), AttributeValue::S(body.clone())),
+        ]
+        .into(),
+    )]);
+    client
+        .put_item()
+        .table_name(&names.inbox_table)
+        .item("inbox", AttributeValue::S("dedupe#u#phone".into()))
+        .item("messageId", AttributeValue::S("lost".into()))
+        .item("firstMessageId", AttributeValue::S(first_id.to_string()))
+        .item("pending", batch)
+        .item("expiresAt", AttributeValue::N(((now + DAY_MS) / 1000).to_string()))
+        .send()
+        .await
+        .unwrap();
+    let key_ = DedupeKey { user: u.clone(), device: phone.clone(), client_message_id: "lost".into() };
+    let retry = ids.message(now + 1);
+    let items = [(to.clone(), "the retry's own body".to_owned())];
+    let found = t.store_device_messages(&retry, &items, Some(&key_), now + DAY_MS).await.unwrap();
+    assert_eq!(found, Some(first_id.clone()));
+    assert_eq!(
+        t.inbox_page(&to, None, 10, now).await.unwrap(),
+        vec![(first_id.clone(), body)],
+        "the first batch"
+    );
+    let claim = client
+        .get_item()
+        .table_name(&names.inbox_table)
+        .key("inbox", AttributeValue::S("dedupe#u#phone".into()))
+        .key("messageId", AttributeValue::S("lost".into()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert!(!claim.contains_key("pending"), "the claim let go of the batch: {claim:?}");
+
+    // A claim past its expiry, that TTL has not removed yet, is free.
+    let short = DedupeKey { client_message_id: "short".into(), ..key_.clone() };
+    let early = ids.message(now);
+    t.store_device_messages(&early, &items, Some(&short), now + 1_000).await.unwrap();
+    let later = ids.message(now + 2_000);
+    assert_eq!(t.store_device_messages(&later, &items, Some(&short), now + DAY_MS).await.unwrap(), None);
+
+    // Chat rows from before encrypted chats read as plain chats.
+    let old = ids.chat(now);
+    let row = serde_json::json!({
+        "chatId": old, "name": "old", "members": [{"user": "u", "joinedAt": now}],
+        "admins": ["u"], "createdAt": now, "version": 0,
+    });
+    let item: std::collections::HashMap<String, AttributeValue> = serde_dynamo::to_item(row).unwrap();
+    client.put_item().table_name(&names.chats_table).set_item(Some(item)).send().await.unwrap();
+    let chat = t.chat(&old).await.unwrap().expect("the old row reads");
+    assert!(!chat.encrypted);
 }

@@ -191,7 +191,9 @@ impl World {
             devices: tables.clone(),
             messages: tables.clone(),
             attachments: tables.clone(),
-            quotas: tables,
+            quotas: tables.clone(),
+            keys: tables.clone(),
+            receipts: tables,
             blobs: Arc::new(S3Blobs::new(aws_sdk_s3::Client::new(&config), names.media_bucket.clone())),
             push: pushes.clone(),
             jobs: Arc::new(SqsJobs::new(sqs.clone(), queue.clone(), clock.clone())),
@@ -207,7 +209,8 @@ impl World {
         for c in [&alice, &bob] {
             courier.connect(&c.user, &c.device, &c.connection).await.unwrap();
         }
-        let create = CreateChat { participants: vec![bob.user.clone()], name: "faults".into() };
+        let create =
+            CreateChat { participants: vec![bob.user.clone()], name: "faults".into(), encrypted: false };
         let chat = courier.create_chat(&alice, create).await.unwrap().chat_id;
         World { courier, faults, pushes, sqs, queue, alice, bob, chat }
     }
@@ -218,6 +221,7 @@ impl World {
             message: text.into(),
             attachments: vec![],
             client_message_id: Some(client_id.into()),
+            devices: None,
         };
         self.courier.send_message(&self.alice, cmd).await.map(|sent| sent.message_id.to_string())
     }

@@ -3,11 +3,12 @@
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 
+use super::batch::delete_request;
 use super::rows::{AttachmentRow, from_item, to_item};
-use super::{DynamoTables, condition_failed, in_parallel, key, unique};
+use super::{DynamoTables, Item, condition_failed, in_parallel, key, s, unique};
 use crate::sdk_error;
 use courier_core::error::{Error, Result};
-use courier_core::ids::{AttachmentId, ChatId};
+use courier_core::ids::{AttachmentId, ChatId, UserId};
 use courier_core::ports::{Attachment, AttachmentStore};
 
 /// Attachment rows get no `expiresAt`, although the table has TTL on: one
@@ -84,5 +85,42 @@ impl AttachmentStore for DynamoTables {
         };
         chats.sort();
         Ok(chats)
+    }
+
+    /// The uploader's rows through the `byUploader` index, then read whole
+    /// (the index keeps keys only) and deleted. A global index reads
+    /// eventually consistent: an upload made a moment before may be missed,
+    /// and a second deleteAccount (it is idempotent) finds it.
+    async fn remove_attachments_of(&self, uploader: &UserId) -> Result<Vec<Attachment>> {
+        let table = &self.names.attachments_table;
+        let found: Vec<Item> = self
+            .client
+            .query()
+            .table_name(table)
+            .index_name("byUploader")
+            .key_condition_expression("uploader = :u")
+            .expression_attribute_values(":u", s(uploader.as_str()))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(sdk_error)?;
+        let keys: Vec<Item> = found
+            .into_iter()
+            .filter_map(|mut k| k.remove("attachmentId"))
+            .map(|id| Item::from([("attachmentId".to_owned(), id)]))
+            .collect();
+        let rows = self.get_batches(table, keys, None).await?;
+        let attachments = rows
+            .into_iter()
+            .map(|i| from_item::<AttachmentRow>(i).map(Attachment::from))
+            .collect::<Result<Vec<_>>>()?;
+        let deletes = attachments
+            .iter()
+            .map(|a| delete_request(key([("attachmentId", a.id.as_str())])))
+            .collect::<Result<Vec<_>>>()?;
+        self.write_batches(table, deletes).await?;
+        Ok(attachments)
     }
 }

@@ -115,7 +115,7 @@ impl DeviceStore for DynamoTables {
     }
 
     #[instrument(level = "debug", skip_all)]
-    async fn expire_devices(&self, before: Millis) -> Result<u64> {
+    async fn expire_devices(&self, before: Millis) -> Result<Vec<Device>> {
         let stale = "lastSeen < :before AND attribute_not_exists(connectionId)";
         let mut pages = self
             .client
@@ -125,7 +125,7 @@ impl DeviceStore for DynamoTables {
             .expression_attribute_values(":before", n(before))
             .into_paginator()
             .send();
-        let mut expired = 0;
+        let mut expired = Vec::new();
         while let Some(page) = pages.try_next().await.map_err(sdk_error)? {
             let rows = page.items.unwrap_or_default().into_iter().map(from_item::<DeviceRow>);
             let deletions = rows.map(|row| async move {
@@ -145,13 +145,13 @@ impl DeviceStore for DynamoTables {
                     .await;
                 match deleted {
                     Ok(_) => {}
-                    Err(e) if condition_failed(&e) => return Ok(0),
+                    Err(e) if condition_failed(&e) => return Ok(None),
                     Err(e) => return Err(sdk_error(e)),
                 }
                 self.delete_device_data(&row.user_id, &row.device_id, None).await?;
-                Ok::<u64, Error>(1)
+                Ok::<_, Error>(Some(Device::from(row)))
             });
-            expired += in_parallel(deletions.collect()).await?.into_iter().sum::<u64>();
+            expired.extend(in_parallel(deletions.collect()).await?.into_iter().flatten());
         }
         Ok(expired)
     }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tracing::instrument;
 
 use super::batch::{delete_request, put_request};
-use super::rows::{DedupeRow, InboxRow, MessageRow, from_item, to_item};
+use super::rows::{DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, from_item, to_item};
 use super::{
     DynamoTables, Item, cancellation_reasons, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs,
     unique,
@@ -24,6 +24,26 @@ const DEDUPE_PREFIX: &str = "dedupe#";
 
 fn dedupe_text(key: &DedupeKey) -> String {
     format!("{DEDUPE_PREFIX}{}#{}#{}", key.user, key.device, key.client_message_id)
+}
+
+/// The Inbox partition of one device's sendToDevices dedupe rows. No inbox
+/// key (`user#device`, `user#*`) has two `#`, so none is ever this; and the
+/// Inbox table, unlike Messages, is not streamed to the fan-out.
+fn device_dedupe_partition(key: &DedupeKey) -> String {
+    format!("{DEDUPE_PREFIX}{}#{}", key.user, key.device)
+}
+
+/// The time part of a ULID (its first 10 Crockford base-32 digits), or
+/// `None` for an id that is no ULID.
+fn ulid_millis(id: &str) -> Option<Millis> {
+    const DIGITS: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    if id.len() != 26 {
+        return None;
+    }
+    id.bytes().take(10).try_fold(0i64, |ms, c| {
+        let digit = DIGITS.iter().position(|&d| d == c.to_ascii_uppercase())?;
+        Some(ms << 5 | digit as i64)
+    })
 }
 
 #[async_trait]
@@ -264,11 +284,64 @@ impl MessageStore for DynamoTables {
         Ok(page)
     }
 
+    /// Without a dedupe key, the inbox rows alone. With one, a conditional
+    /// put claims the key in the device-message dedupe partition of the
+    /// sender (apart from any chat's) and holds the batch; the inbox rows
+    /// follow, and last the claim drops the batch. A retry that finds the
+    /// claim still holding it writes the rows again (idempotent puts), so
+    /// its SUCCESS is as true as the first.
+    #[instrument(level = "debug", skip_all, fields(message = %id, items = items.len()))]
+    async fn store_device_messages(
+        &self,
+        id: &MessageId,
+        items: &[(InboxKey, String)],
+        dedupe: Option<&DedupeKey>,
+        expires_at: Millis,
+    ) -> Result<Option<MessageId>> {
+        let expires = ttl_secs(expires_at);
+        let items: Vec<DeviceItem> =
+            items.iter().map(|(inbox, body)| DeviceItem { inbox: inbox.key(), body: body.clone() }).collect();
+        let Some(dedupe) = dedupe else {
+            self.put_device_items(id, &items, expires).await?;
+            return Ok(None);
+        };
+        let claim = DeviceDedupeRow {
+            inbox: device_dedupe_partition(dedupe),
+            message_id: dedupe.client_message_id.clone(),
+            first_message_id: id.clone(),
+            pending: Some(items.clone()),
+            expires_at: expires,
+        };
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.names.inbox_table)
+            .set_item(Some(to_item(&claim)?))
+            .condition_expression("attribute_not_exists(messageId)");
+        // A claim past its expiry that TTL has not removed yet is free to
+        // take; the new id's own time stands in for "now".
+        if let Some(now) = ulid_millis(id.as_str()) {
+            put = put
+                .condition_expression("attribute_not_exists(messageId) OR expiresAt <= :now")
+                .expression_attribute_values(":now", n(now_secs(now)));
+        }
+        match put.send().await {
+            Ok(_) => {}
+            Err(e) if condition_failed(&e) => {
+                return self.device_duplicate(&claim.inbox, &claim.message_id).await;
+            }
+            Err(e) => return Err(sdk_error(e)),
+        }
+        self.put_device_items(id, &items, expires).await?;
+        self.release_device_batch(&claim.inbox, &claim.message_id).await?;
+        Ok(None)
+    }
+
     /// One DeleteItem per id, in parallel, each returning the row it
-    /// deleted, so the count needs no read: a delete costs the same write
+    /// deleted, so the answer needs no read: a delete costs the same write
     /// unit whether the row was there or not, and reading first cost a read
-    /// unit per id on top (BatchWriteItem returns nothing to count by).
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<u64> {
+    /// unit per id on top (BatchWriteItem returns nothing).
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
         let inbox = inbox.key();
         let deletes = unique(ids).into_iter().map(|id| {
             let inbox = &inbox;
@@ -282,10 +355,17 @@ impl MessageStore for DynamoTables {
                     .send()
                     .await
                     .map_err(sdk_error)?;
-                Ok(out.attributes.is_some_and(|a| !a.is_empty()) as u64)
+                match out.attributes.filter(|a| !a.is_empty()) {
+                    Some(old) => from_item::<InboxRow>(old).map(|row| Some((row.message_id, row.body))),
+                    None => Ok(None),
+                }
             }
         });
-        Ok(in_parallel(deletes.collect()).await?.into_iter().sum())
+        Ok(in_parallel(deletes.collect()).await?.into_iter().flatten().collect())
+    }
+
+    async fn drop_pending(&self, user: &UserId) -> Result<()> {
+        self.delete_inbox(&InboxKey::Pending(user.clone()).key()).await
     }
 
     async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
@@ -369,6 +449,66 @@ impl DynamoTables {
         Ok(Store::Duplicate(first))
     }
 
+    async fn put_device_items(&self, id: &MessageId, items: &[DeviceItem], expires_at: i64) -> Result<()> {
+        let mut seen = HashSet::new();
+        let puts = items
+            .iter()
+            .filter(|item| seen.insert(item.inbox.as_str()))
+            .map(|item| {
+                let row = InboxRow {
+                    inbox: item.inbox.clone(),
+                    message_id: id.clone(),
+                    body: item.body.clone(),
+                    expires_at,
+                };
+                put_request(to_item(&row)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write_batches(&self.names.inbox_table, puts).await
+    }
+
+    /// What a sendToDevices with this dedupe key stored first; its inbox
+    /// rows are written (again) if the claim still holds the batch.
+    async fn device_duplicate(&self, partition: &str, client_message_id: &str) -> Result<Option<MessageId>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.names.inbox_table)
+            .set_key(Some(key([("inbox", partition), ("messageId", client_message_id)])))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let Some(item) = out.item else {
+            return Err(Error::unavailable("the dedupe row vanished; retry"));
+        };
+        let claim: DeviceDedupeRow = from_item(item)?;
+        if let Some(items) = &claim.pending {
+            self.put_device_items(&claim.first_message_id, items, claim.expires_at).await?;
+            self.release_device_batch(partition, client_message_id).await?;
+        }
+        Ok(Some(claim.first_message_id))
+    }
+
+    /// Drops the batch from its claim once the inbox rows hold it: after
+    /// that, no copy of a body outlives its acks but in the inbox rows.
+    async fn release_device_batch(&self, partition: &str, client_message_id: &str) -> Result<()> {
+        let released = self
+            .client
+            .update_item()
+            .table_name(&self.names.inbox_table)
+            .set_key(Some(key([("inbox", partition), ("messageId", client_message_id)])))
+            .update_expression("REMOVE pending")
+            // Never create a stub for a claim that is gone.
+            .condition_expression("attribute_exists(messageId)")
+            .send()
+            .await;
+        match released {
+            Err(e) if condition_failed(&e) => Ok(()),
+            other => other.map(drop).map_err(sdk_error),
+        }
+    }
+
     async fn put_inbox_rows(
         &self,
         id: &MessageId,
@@ -409,5 +549,21 @@ impl DynamoTables {
             self.write_batches(table, deletes).await?;
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ulids_time_is_read_back() {
+        let ids = courier_core::ids::IdGen::new();
+        for ms in [0, 1, 1_800_000_000_123, (1 << 48) - 1] {
+            assert_eq!(ulid_millis(ids.message(ms).as_str()), Some(ms));
+        }
+        assert_eq!(ulid_millis("01arz3ndektsv4rrffq69g5fav"), ulid_millis("01ARZ3NDEKTSV4RRFFQ69G5FAV"));
+        assert_eq!(ulid_millis("not-a-ulid"), None);
+        assert_eq!(ulid_millis("0123IL6789ABCDEFGHJKMNPQRS"), None, "I and L are no digits");
     }
 }

@@ -1,14 +1,17 @@
 //! `DynamoTables`: every table port on DynamoDB, with the keys and indexes of [`super::schema`].
 //!
-//! One file per port (`chats`, `devices`, `messages`, `attachments`), the
-//! items they write in `rows`, and batched calls of any size in `batch`.
+//! One file per port (`chats`, `devices`, `messages`, `attachments`,
+//! `quotas`, `keys`, `receipts`), the items they write in `rows`, and
+//! batched calls of any size in `batch`.
 
 mod attachments;
 mod batch;
 mod chats;
 mod devices;
+mod keys;
 mod messages;
 mod quotas;
+mod receipts;
 mod rows;
 
 use std::collections::{HashMap, HashSet};

@@ -6,7 +6,7 @@ use super::Item;
 use courier_core::domain::{Chat, Device, InboxKey, Member, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
-use courier_core::ports::{Attachment, StoredMessage};
+use courier_core::ports::{Attachment, Markers, SignedKey, StoredMessage};
 
 pub(super) fn to_item<T: Serialize>(row: &T) -> Result<Item> {
     serde_dynamo::to_item(row).map_err(Error::internal)
@@ -25,6 +25,9 @@ pub(super) struct ChatRow {
     admins: Vec<UserId>,
     created_at: Millis,
     version: u64,
+    /// Absent from rows written before encrypted chats existed: those are plain.
+    #[serde(default)]
+    encrypted: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,6 +50,7 @@ impl From<&Chat> for ChatRow {
             admins: c.admins.clone(),
             created_at: c.created_at,
             version: c.version,
+            encrypted: c.encrypted,
         }
     }
 }
@@ -60,6 +64,7 @@ impl From<ChatRow> for Chat {
             admins: r.admins,
             created_at: r.created_at,
             version: r.version,
+            encrypted: r.encrypted,
         }
     }
 }
@@ -147,6 +152,75 @@ pub(super) struct InboxRow {
     pub(super) message_id: MessageId,
     pub(super) body: String,
     pub(super) expires_at: i64,
+}
+
+/// Claims a sendToDevices dedupe key, and holds the batch until its inbox
+/// rows are written (as a message row holds its body until fan-out), so a
+/// retry after a crash in between can write them. A client frame is at most
+/// 32 KiB, so a batch fits an item with room to spare.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeviceDedupeRow {
+    /// `dedupe#user#device`: no inbox key has two `#`.
+    pub(super) inbox: String,
+    /// The clientMessageId.
+    pub(super) message_id: String,
+    pub(super) first_message_id: MessageId,
+    /// The batch, until its inbox rows are written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) pending: Option<Vec<DeviceItem>>,
+    pub(super) expires_at: i64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeviceItem {
+    pub(super) inbox: String,
+    pub(super) body: String,
+}
+
+/// A ready device's published keys and how many one-time prekeys it holds.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct BundleRow {
+    pub(super) user_id: UserId,
+    /// `bundle#deviceId`
+    pub(super) entry: String,
+    pub(super) device_id: DeviceId,
+    pub(super) identity_key: String,
+    pub(super) signed_pre_key: SignedKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) fallback_key: Option<SignedKey>,
+    /// Kept by the writes that add and claim one-time prekeys (see `keys`).
+    pub(super) one_time_keys: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct OneTimeKeyRow {
+    pub(super) user_id: UserId,
+    /// `otk#deviceId#keyId`
+    pub(super) entry: String,
+    pub(super) key_id: String,
+    pub(super) public_key: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ReceiptRow {
+    pub(super) user_id: UserId,
+    #[serde(default)]
+    pub(super) delivered: Option<MessageId>,
+    #[serde(default)]
+    pub(super) read: Option<MessageId>,
+    #[serde(default)]
+    pub(super) private_read: Option<MessageId>,
+}
+
+impl From<ReceiptRow> for Markers {
+    fn from(r: ReceiptRow) -> Self {
+        Self { delivered: r.delivered, read: r.read, private_read: r.private_read }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
