@@ -268,6 +268,6 @@ mod tests {
             receipts: Arc::new(store.clone()),
         };
         contract::all(&tables).await;
-        contract::racing_devices(&tables).await;
+        contract::races(&tables).await;
     }
 }
