@@ -25,7 +25,12 @@ impl Courier {
                 "a user has at most {} devices; remove one with removeDevice",
                 self.limits.max_devices
             ))),
-            Connected::Ok { first_device, replaced, .. } => {
+            Connected::Ok { new_device, first_device, replaced } => {
+                if new_device {
+                    // A device id seen again after it expired is a new install:
+                    // the old identity key must not bind it.
+                    self.ports.keys.remove_keys(user, device).await?;
+                }
                 if first_device {
                     let claimed = self.ports.messages.claim_pending(user, device).await?;
                     tracing::debug!(claimed, "first device claimed pending messages");
