@@ -19,17 +19,18 @@
 //!
 //! TransactWriteItems takes 100 items, and an upload may carry 100 new keys
 //! besides the bundle's write. The bundle's write and the first 99 keys go in
-//! one transaction, which counts every new key of the upload; the rest are
-//! put after it, each on its own condition. Should the process die in
-//! between, the count is above the keys stored by those few; a claim that
-//! then finds no key returns none, and its decrement has set that right.
+//! one transaction, which counts every new key of the upload; the rest follow
+//! in transactions that check the bundle is still there (so no one-time
+//! prekey ever outlives its bundle). Should the process die in between, the
+//! count is above the keys stored by those few; a claim that then finds no
+//! key returns none, and its decrement has set that right.
 //! (The other way round, a claim that dies between its two writes leaves a
 //! key uncounted, which a later upload's count brings back into play.)
 
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{Put, ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, ReturnValue, TransactWriteItem, Update};
 use rand::Rng;
 use tracing::instrument;
 
@@ -87,13 +88,21 @@ fn count_in(item: Option<&Item>) -> u64 {
         .unwrap_or(0)
 }
 
-fn one_time_item(user: &UserId, device: &DeviceId, k: &OneTimeKey) -> Result<Item> {
-    to_item(&OneTimeKeyRow {
-        user_id: user.clone(),
-        entry: one_time_entry(device, &k.key_id),
-        key_id: k.key_id.clone(),
-        public_key: k.public_key.clone(),
-    })
+/// The keyIds whose puts failed their condition (`reasons` in the order of
+/// `keys`): stored meanwhile by another upload, so ignored like those stored before.
+fn taken_keys(reasons: &[String], keys: &[&OneTimeKey]) -> HashSet<String> {
+    reasons
+        .iter()
+        .zip(keys)
+        .filter(|(r, _)| *r == "ConditionalCheckFailed")
+        .map(|(_, k)| k.key_id.clone())
+        .collect()
+}
+
+/// Whether DynamoDB cancelled a transaction for throttling: worth a retry
+/// later, by the caller, not at once.
+fn throttled(reasons: &[String]) -> bool {
+    reasons.iter().any(|r| r == "ThrottlingError" || r == "ProvisionedThroughputExceeded")
 }
 
 #[async_trait]
@@ -134,10 +143,10 @@ impl KeyStore for DynamoTables {
             {
                 return Ok(Uploaded::IdentityMismatch);
             }
-            // What a device's first upload must carry; `None` once it has a bundle.
-            let first_keys = match (&bundle, &upload.identity_key, &upload.signed_pre_key) {
-                (Some(_), _, _) => None,
-                (None, Some(identity), Some(signed)) => Some((identity, signed)),
+            // The device's identity key, and the signed prekey a first upload must carry.
+            let (identity, first_signed) = match (&bundle, &upload.identity_key, &upload.signed_pre_key) {
+                (Some(b), _, _) => (b.identity_key.as_str(), None),
+                (None, Some(identity), Some(signed)) => (identity.as_str(), Some(signed)),
                 (None, _, _) => return Ok(Uploaded::NotReady),
             };
             let count = bundle.as_ref().map_or(0, |b| b.one_time_keys);
@@ -145,13 +154,13 @@ impl KeyStore for DynamoTables {
                 return Ok(Uploaded::TooManyOneTimeKeys);
             }
             // The bundle's write, on condition that the bundle is still as read.
-            let write = match first_keys {
-                Some((identity, signed)) => {
+            let write = match first_signed {
+                Some(signed) => {
                     let row = BundleRow {
                         user_id: user.clone(),
                         entry: bundle_entry(device),
                         device_id: device.clone(),
-                        identity_key: identity.clone(),
+                        identity_key: identity.to_owned(),
                         signed_pre_key: signed.clone(),
                         fallback_key: upload.fallback_key.clone(),
                         one_time_keys: fresh.len() as u64,
@@ -165,13 +174,11 @@ impl KeyStore for DynamoTables {
                     TransactWriteItem::builder().put(put).build()
                 }
                 None => {
-                    let stored_identity =
-                        bundle.as_ref().map(|b| b.identity_key.as_str()).unwrap_or_default();
                     let mut update = Update::builder()
                         .table_name(table)
                         .set_key(Some(bundle_key.clone()))
                         // The identity key never changes, so this also says the bundle is still there.
-                        .expression_attribute_values(":identity", s(stored_identity));
+                        .expression_attribute_values(":identity", s(identity));
                     let mut sets = Vec::new();
                     if let Some(signed) = &upload.signed_pre_key {
                         sets.push("signedPreKey = :signed");
@@ -217,18 +224,10 @@ impl KeyStore for DynamoTables {
                     return Err(sdk_error(e));
                 }
                 // Keys another upload stored meanwhile: ignored, like those stored before.
-                let taken: HashSet<String> = reasons
-                    .iter()
-                    .skip(1)
-                    .zip(first)
-                    .filter(|(r, _)| *r == "ConditionalCheckFailed")
-                    .map(|(_, k)| k.key_id.clone())
-                    .collect();
-                let throttled =
-                    reasons.iter().any(|r| r == "ThrottlingError" || r == "ProvisionedThroughputExceeded");
+                let taken = taken_keys(&reasons[1..], first);
                 if !taken.is_empty() {
                     fresh.retain(|k| !taken.contains(&k.key_id));
-                } else if throttled {
+                } else if throttled(&reasons) {
                     return Err(Error::unavailable(SdkFailure(e)));
                 } else if !(reasons[0] == "ConditionalCheckFailed"
                     || reasons.iter().any(|r| r == "TransactionConflict"))
@@ -238,23 +237,9 @@ impl KeyStore for DynamoTables {
                 tracing::debug!(?reasons, "key upload lost a race; reading again");
                 continue;
             }
-            let puts = rest.iter().map(|k| async move {
-                let put = one_time_item(user, device, k)?;
-                let stored = self
-                    .client
-                    .put_item()
-                    .table_name(table)
-                    .set_item(Some(put))
-                    .condition_expression("attribute_not_exists(entry)")
-                    .send()
-                    .await;
-                match stored {
-                    // Another upload stored this keyId in the meantime.
-                    Err(e) if condition_failed(&e) => Ok(()),
-                    other => other.map(drop).map_err(sdk_error),
-                }
-            });
-            in_parallel(puts.collect()).await?;
+            for chunk in rest.chunks(TRANSACTION_ITEMS - 1) {
+                self.put_more_keys(&bundle_key, identity, user, device, chunk).await?;
+            }
             let one_time_keys = self.one_time_key_count(user, device).await?;
             return Ok(Uploaded::Stored { one_time_keys, became_ready: bundle.is_none() });
         }
@@ -407,11 +392,28 @@ impl KeyStore for DynamoTables {
         }
     }
 
-    /// The one-time prekeys go first and the bundle last: until the end the
-    /// device still counts as having keys, and none of them can be handed
-    /// out after the bundle is gone (a claim starts at the bundle's count).
+    /// The one-time prekeys go first and the bundle last, so no one-time
+    /// prekey outlives its bundle (uploads keep that too): a device without
+    /// a bundle has nothing to remove, which is what a new device's connect
+    /// finds, for one read. Until the end the device still counts as having
+    /// keys, and none can be handed out after the bundle is gone (a claim
+    /// starts at the bundle's count).
     async fn remove_keys(&self, user: &UserId, device: &DeviceId) -> Result<()> {
         let table = &self.names.keys_table;
+        let bundle_key = key([("userId", user.as_str()), ("entry", &bundle_entry(device))]);
+        let found = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(bundle_key.clone()))
+            .projection_expression("entry")
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        if found.item.is_none() {
+            return Ok(());
+        }
         let keys: Vec<Item> = self
             .client
             .query()
@@ -432,7 +434,7 @@ impl KeyStore for DynamoTables {
         self.client
             .delete_item()
             .table_name(table)
-            .set_key(Some(key([("userId", user.as_str()), ("entry", &bundle_entry(device))])))
+            .set_key(Some(bundle_key))
             .send()
             .await
             .map_err(sdk_error)?;
@@ -441,6 +443,60 @@ impl KeyStore for DynamoTables {
 }
 
 impl DynamoTables {
+    /// Puts keys of an upload past its first transaction, in a transaction
+    /// that checks the bundle they belong to is still there: keys removed
+    /// meanwhile (removeDevice, deleteAccount) get none of these back, so no
+    /// one-time prekey outlives its bundle and `remove_keys` may stop at a
+    /// missing bundle. The first transaction has counted them already.
+    async fn put_more_keys(
+        &self,
+        bundle_key: &Item,
+        identity: &str,
+        user: &UserId,
+        device: &DeviceId,
+        keys: &[&OneTimeKey],
+    ) -> Result<()> {
+        let mut keys = keys.to_vec();
+        for _ in 0..UPLOAD_ATTEMPTS {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let check = ConditionCheck::builder()
+                .table_name(&self.names.keys_table)
+                .set_key(Some(bundle_key.clone()))
+                .condition_expression("identityKey = :identity")
+                .expression_attribute_values(":identity", s(identity))
+                .build()
+                .map_err(Error::internal)?;
+            let mut transaction = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().condition_check(check).build());
+            for k in &keys {
+                transaction = transaction
+                    .transact_items(TransactWriteItem::builder().put(self.key_put(user, device, k)?).build());
+            }
+            let Err(e) = transaction.send().await else { return Ok(()) };
+            let reasons: Vec<String> = cancellation_reasons(&e).into_iter().map(str::to_owned).collect();
+            if reasons.is_empty() {
+                return Err(sdk_error(e));
+            }
+            if reasons[0] == "ConditionalCheckFailed" {
+                tracing::debug!("the device's keys were removed during its upload");
+                return Ok(());
+            }
+            let taken = taken_keys(&reasons[1..], &keys);
+            if !taken.is_empty() {
+                keys.retain(|k| !taken.contains(&k.key_id));
+            } else if throttled(&reasons) {
+                return Err(Error::unavailable(SdkFailure(e)));
+            } else if !reasons.iter().any(|r| r == "TransactionConflict") {
+                return Err(sdk_error(e));
+            }
+        }
+        Err(Error::unavailable("key upload kept losing races"))
+    }
+
     async fn bundle(&self, bundle_key: &Item) -> Result<Option<BundleRow>> {
         let out = self
             .client
@@ -458,7 +514,12 @@ impl DynamoTables {
     fn key_put(&self, user: &UserId, device: &DeviceId, k: &OneTimeKey) -> Result<Put> {
         Put::builder()
             .table_name(&self.names.keys_table)
-            .set_item(Some(one_time_item(user, device, k)?))
+            .set_item(Some(to_item(&OneTimeKeyRow {
+                user_id: user.clone(),
+                entry: one_time_entry(device, &k.key_id),
+                key_id: k.key_id.clone(),
+                public_key: k.public_key.clone(),
+            })?))
             .condition_expression("attribute_not_exists(entry)")
             .build()
             .map_err(Error::internal)
