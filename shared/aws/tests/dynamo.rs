@@ -479,6 +479,13 @@ async fn version_2_requests_per_operation() {
     assert_eq!(take(), expect(&[("Query", 1)], 1.0, 0.0), "getReceipts");
     t.remove_receipts(&chat, &a).await.unwrap();
     assert_eq!(take(), expect(&[("DeleteItem", 1)], 0.0, 1.0), "a participant leaves");
+    let group = ids.chat(now);
+    for i in 0..100 {
+        t.advance(&group, &user(&format!("{i:0>4}")), &read).await.unwrap();
+    }
+    take();
+    assert_eq!(t.receipts(&group).await.unwrap().len(), 100);
+    assert_eq!(take(), expect(&[("Query", 1)], 5.0, 0.0), "getReceipts of 100 participants");
 
     // deleteAccount's share: keys, the pending inbox, attachments by uploader.
     t.remove_keys(&b, &phone).await.unwrap();
