@@ -586,26 +586,40 @@ async fn version_2_dynamodb_specifics() {
     // claim still holds the batch, and the retry writes it under the first id.
     let (v, tablet) = (UserId::try_from("v").unwrap(), DeviceId::try_from("tablet").unwrap());
     let to = InboxKey::Device(v.clone(), tablet.clone());
+    let claim_key = |client_message_id: &str| {
+        [
+            ("inbox".to_owned(), AttributeValue::S("dedupe#u#phone".into())),
+            ("messageId".to_owned(), AttributeValue::S(client_message_id.into())),
+        ]
+    };
+    // What the first attempt left: its claim, holding the batch, and nothing else.
+    let plant = |client_message_id: &str, first: &MessageId, body: &str| {
+        let batch = AttributeValue::L(vec![AttributeValue::M(
+            [
+                ("inbox".to_owned(), AttributeValue::S(to.key())),
+                ("body".to_owned(), AttributeValue::S(body.to_owned())),
+            ]
+            .into(),
+        )]);
+        client
+            .put_item()
+            .table_name(&names.inbox_table)
+            .set_item(Some(claim_key(client_message_id).into()))
+            .item("firstMessageId", AttributeValue::S(first.to_string()))
+            .item("pending", batch)
+            .item("expiresAt", AttributeValue::N(((now + DAY_MS) / 1000).to_string()))
+            .send()
+    };
+    let still_pending = |client_message_id: &str| {
+        client
+            .get_item()
+            .table_name(&names.inbox_table)
+            .set_key(Some(claim_key(client_message_id).into()))
+            .send()
+    };
     let first_id = ids.message(now);
     let body = format!(r#"{{"type":"deviceMessage","messageId":"{first_id}","body":"x"}}"#);
-    let batch = AttributeValue::L(vec![AttributeValue::M(
-        [
-            ("inbox".to_owned(), AttributeValue::S(to.key())),
-            ("body".to_owned(), AttributeValue::S(body.clone())),
-        ]
-        .into(),
-    )]);
-    client
-        .put_item()
-        .table_name(&names.inbox_table)
-        .item("inbox", AttributeValue::S("dedupe#u#phone".into()))
-        .item("messageId", AttributeValue::S("lost".into()))
-        .item("firstMessageId", AttributeValue::S(first_id.to_string()))
-        .item("pending", batch)
-        .item("expiresAt", AttributeValue::N(((now + DAY_MS) / 1000).to_string()))
-        .send()
-        .await
-        .unwrap();
+    plant("lost", &first_id, &body).await.unwrap();
     let key_ = DedupeKey { user: u.clone(), device: phone.clone(), client_message_id: "lost".into() };
     let retry = ids.message(now + 1);
     let items = [(to.clone(), "the retry's own body".to_owned())];
@@ -616,17 +630,21 @@ async fn version_2_dynamodb_specifics() {
         vec![(first_id.clone(), body)],
         "the first batch"
     );
-    let claim = client
-        .get_item()
-        .table_name(&names.inbox_table)
-        .key("inbox", AttributeValue::S("dedupe#u#phone".into()))
-        .key("messageId", AttributeValue::S("lost".into()))
-        .send()
-        .await
-        .unwrap()
-        .item
-        .unwrap();
+    let claim = still_pending("lost").await.unwrap().item.unwrap();
     assert!(!claim.contains_key("pending"), "the claim let go of the batch: {claim:?}");
+    t.ack(&to, std::slice::from_ref(&first_id)).await.unwrap();
+
+    // The SDK's retry of a claim whose first attempt landed finds its own
+    // id: the batch is stored, and the answer is no duplicate.
+    let own = ids.message(now + 2);
+    let own_body = format!(r#"{{"type":"deviceMessage","messageId":"{own}","body":"y"}}"#);
+    plant("own", &own, &own_body).await.unwrap();
+    let own_key = DedupeKey { client_message_id: "own".into(), ..key_.clone() };
+    let mine = [(to.clone(), own_body.clone())];
+    assert_eq!(t.store_device_messages(&own, &mine, Some(&own_key), now + DAY_MS).await.unwrap(), None);
+    assert_eq!(t.inbox_page(&to, None, 10, now).await.unwrap(), vec![(own.clone(), own_body)]);
+    let claim = still_pending("own").await.unwrap().item.unwrap();
+    assert!(!claim.contains_key("pending"), "{claim:?}");
 
     // A claim past its expiry, that TTL has not removed yet, is free.
     let short = DedupeKey { client_message_id: "short".into(), ..key_.clone() };

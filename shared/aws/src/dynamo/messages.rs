@@ -328,7 +328,10 @@ impl MessageStore for DynamoTables {
         match put.send().await {
             Ok(_) => {}
             Err(e) if condition_failed(&e) => {
-                return self.device_duplicate(&claim.inbox, &claim.message_id).await;
+                let first = self.device_duplicate(&claim.inbox, &claim.message_id).await?;
+                // Our own id: the SDK retried a put whose first attempt
+                // landed, and the batch is stored now like any other.
+                return Ok(Some(first).filter(|first| first != id));
             }
             Err(e) => return Err(sdk_error(e)),
         }
@@ -469,7 +472,7 @@ impl DynamoTables {
 
     /// What a sendToDevices with this dedupe key stored first; its inbox
     /// rows are written (again) if the claim still holds the batch.
-    async fn device_duplicate(&self, partition: &str, client_message_id: &str) -> Result<Option<MessageId>> {
+    async fn device_duplicate(&self, partition: &str, client_message_id: &str) -> Result<MessageId> {
         let out = self
             .client
             .get_item()
@@ -487,7 +490,7 @@ impl DynamoTables {
             self.put_device_items(&claim.first_message_id, items, claim.expires_at).await?;
             self.release_device_batch(partition, client_message_id).await?;
         }
-        Ok(Some(claim.first_message_id))
+        Ok(claim.first_message_id)
     }
 
     /// Drops the batch from its claim once the inbox rows hold it: after
