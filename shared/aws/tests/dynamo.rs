@@ -664,3 +664,111 @@ async fn version_2_dynamodb_specifics() {
     let chat = t.chat(&old).await.unwrap().expect("the old row reads");
     assert!(!chat.encrypted);
 }
+
+/// Makes each of the next `left` DeleteItems ask for a key that is not there,
+/// as when another claim deleted the chosen one-time prekey first: moto
+/// cannot make two claims race deterministically, this can.
+#[derive(Clone, Debug, Default)]
+struct TakenFirst {
+    left: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl aws_sdk_dynamodb::config::Intercept for TakenFirst {
+    fn name(&self) -> &'static str {
+        "TakenFirst"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_dynamodb::error::BoxError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let request = context.request_mut();
+        let target = request.headers().get("x-amz-target").unwrap_or_default();
+        if !target.ends_with(".DeleteItem")
+            || self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_err()
+        {
+            return Ok(());
+        }
+        let mut body: serde_json::Value = serde_json::from_slice(request.body().bytes().unwrap_or_default())?;
+        body["Key"]["entry"]["S"] = "otk#gone#already".into();
+        let body = body.to_string();
+        request.headers_mut().insert("content-length", body.len().to_string());
+        *request.body_mut() = body.into();
+        Ok(())
+    }
+}
+
+/// A claim whose chosen key another claim deleted first reads again and
+/// takes another; one that keeps losing gives up with a retryable error,
+/// never handing out a key twice or none while keys are left.
+#[tokio::test]
+async fn a_claim_that_loses_its_key_takes_another() {
+    use courier_core::ports::{KeyStore, KeyUpload, OneTimeKey, SignedKey};
+
+    let moto = moto::shared().await;
+    let names = moto.tables("taken").await;
+    let (meter, taken) = (Meter::new(), TakenFirst::default());
+    let config = aws_sdk_dynamodb::config::Builder::from(&moto.sdk_config())
+        .interceptor(meter.clone())
+        .interceptor(taken.clone())
+        .build();
+    let calls = || meter.take().requests_to("DynamoDB");
+    let t = DynamoTables::new(aws_sdk_dynamodb::Client::from_conf(config), names);
+    let (u, d) = (UserId::try_from("u").unwrap(), DeviceId::try_from("phone").unwrap());
+    let upload = KeyUpload {
+        identity_key: Some("id".into()),
+        signed_pre_key: Some(SignedKey {
+            key_id: "s".into(),
+            public_key: "spk".into(),
+            signature: "sig".into(),
+        }),
+        one_time_pre_keys: (0..5)
+            .map(|i| OneTimeKey { key_id: format!("k{i}"), public_key: format!("p{i}") })
+            .collect(),
+        fallback_key: None,
+    };
+    t.upload_keys(&u, &d, &upload, 200).await.unwrap();
+    calls();
+    let lose = |n| taken.left.store(n, std::sync::atomic::Ordering::SeqCst);
+
+    lose(3);
+    let (first, left) = t.claim_one_time_key(&u, &d).await.unwrap();
+    assert!(first.is_some());
+    assert_eq!(left, 4);
+    let made = calls();
+    assert_eq!(
+        (made.get("Query"), made.get("DeleteItem")),
+        (Some(&4), Some(&4)),
+        "three lost, the fourth won"
+    );
+
+    let mut handed = vec![first.unwrap().key_id];
+    for left in (0..4).rev() {
+        let (key, now_left) = t.claim_one_time_key(&u, &d).await.unwrap();
+        handed.push(key.expect("a key is left").key_id);
+        assert_eq!(now_left, left);
+    }
+    handed.sort();
+    assert_eq!(handed, ["k0", "k1", "k2", "k3", "k4"], "each key once");
+
+    t.upload_keys(
+        &u,
+        &d,
+        &KeyUpload { one_time_pre_keys: upload.one_time_pre_keys.clone(), ..KeyUpload::default() },
+        200,
+    )
+    .await
+    .unwrap();
+    lose(usize::MAX);
+    let err = t.claim_one_time_key(&u, &d).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    lose(0);
+    assert_eq!(
+        t.one_time_key_count(&u, &d).await.unwrap(),
+        4,
+        "the lost claim's count is spent, its key kept"
+    );
+}
