@@ -342,7 +342,8 @@ async fn version_2_requests_per_operation() {
 
     use courier_core::ids::IdGen;
     use courier_core::ports::{
-        AttachmentStore, KeyStore, KeyUpload, Markers, OneTimeKey, ReceiptStore, SignedKey, Uploaded,
+        AttachmentStore, ClaimCount, KeyStore, KeyUpload, Markers, OneTimeKey, ReceiptStore, SignedKey,
+        Uploaded,
     };
 
     let moto = moto::shared().await;
@@ -406,9 +407,14 @@ async fn version_2_requests_per_operation() {
     // getKeys of one device: its claim counters, the bundles, one claim.
     let claimer = InboxKey::Device(a.clone(), phone.clone());
     let scope = InboxKey::Device(b.clone(), phone.clone()).key();
-    assert!(t.count_claims(&claimer, "*", now / 3_600_000, 1, 600).await.unwrap());
-    assert!(t.count_claims(&claimer, &scope, now / 3_600_000, 1, 5).await.unwrap());
-    assert_eq!(take(), expect(&[("UpdateItem", 2)], 0.0, 2.0), "two claim counters");
+    let counts =
+        [ClaimCount { scope: "*".into(), amount: 1, limit: 600 }, ClaimCount { scope, amount: 1, limit: 5 }];
+    assert!(t.count_claims(&claimer, now / 3_600_000, &counts).await.unwrap());
+    assert_eq!(
+        take(),
+        expect(&[("TransactWriteItems", 1)], 0.0, 4.0),
+        "two claim counters, in one transaction"
+    );
     assert_eq!(t.device_keys(std::slice::from_ref(&b)).await.unwrap().len(), 2);
     assert_eq!(take(), expect(&[("Query", 1)], 1.0, 0.0), "the bundles of a user's devices: one Query");
     let (claimed, left) = t.claim_one_time_key(&b, &phone).await.unwrap();

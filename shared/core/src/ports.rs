@@ -211,6 +211,15 @@ pub enum Uploaded {
     TooManyOneTimeKeys,
 }
 
+/// One counter of a claim request: `amount` more claims under `scope` (a
+/// target device's inbox key, or `*` for all targets), at most `limit` an hour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimCount {
+    pub scope: String,
+    pub amount: u64,
+    pub limit: u64,
+}
+
 /// The key directory: per device an identity key, a signed prekey, a
 /// fallback key and a bounded set of one-time prekeys, each of which is
 /// handed out at most once, whatever the concurrency.
@@ -233,18 +242,11 @@ pub trait KeyStore: Send + Sync {
     /// many are left; `None` when none is left. Two claims never get the same key.
     async fn claim_one_time_key(&self, user: &UserId, device: &DeviceId)
     -> Result<(Option<OneTimeKey>, u64)>;
-    /// Counts `amount` claims by `claimer` against `limit` for the hour
-    /// `hour` (hours since the epoch) under `scope` (a target device's
-    /// inbox key, or `*` for all targets); refuses, changing nothing, what
-    /// would pass the limit. Old hours' counters expire by themselves.
-    async fn count_claims(
-        &self,
-        claimer: &InboxKey,
-        scope: &str,
-        hour: i64,
-        amount: u64,
-        limit: u64,
-    ) -> Result<bool>;
+    /// Counts one claim request by `claimer` in the hour `hour` (hours since
+    /// the epoch) on several counters at once, all or nothing: if any would
+    /// pass its limit, nothing changes and the answer is `false`. Old hours'
+    /// counters expire by themselves.
+    async fn count_claims(&self, claimer: &InboxKey, hour: i64, counts: &[ClaimCount]) -> Result<bool>;
     /// Deletes every key of the device.
     async fn remove_keys(&self, user: &UserId, device: &DeviceId) -> Result<()>;
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use courier_core::domain::{Chat, InboxKey, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, IdGen, MessageId, UserId};
 use courier_core::ports::{
-    Attachment, AttachmentStore, ChatStore, Connected, DedupeKey, DeviceStore, KeyStore, KeyUpload, Markers,
-    MessageStore, OneTimeKey, Quota, QuotaStore, ReceiptStore, SignedKey, Store, StoredMessage, Uploaded,
+    Attachment, AttachmentStore, ChatStore, ClaimCount, Connected, DedupeKey, DeviceStore, KeyStore,
+    KeyUpload, Markers, MessageStore, OneTimeKey, Quota, QuotaStore, ReceiptStore, SignedKey, Store,
+    StoredMessage, Uploaded,
 };
 
 /// The table ports of one adapter family.
@@ -626,7 +627,8 @@ pub async fn racing_claims(t: &Tables) {
 
     let racer = InboxKey::Device(n.user("r"), n.device("phone"));
     let hour = NOW / 3_600_000;
-    let racing = (0..12).map(|_| t.keys.count_claims(&racer, "*", hour, 1, 5));
+    let one = [ClaimCount { scope: "*".into(), amount: 1, limit: 5 }];
+    let racing = (0..12).map(|_| t.keys.count_claims(&racer, hour, &one));
     let admitted =
         futures_util::future::join_all(racing).await.into_iter().filter(|ok| *ok.as_ref().unwrap()).count();
     assert_eq!(admitted, 5, "racing counts stay within the limit");
@@ -641,7 +643,7 @@ pub async fn claim_counts(t: &Tables) {
     let (target, hour) = (InboxKey::Device(n.user("b"), n.device("phone")).key(), NOW / 3_600_000);
     let count = |c: &InboxKey, scope: &str, hour: i64, amount: u64| {
         let (c, scope) = (c.clone(), scope.to_owned());
-        async move { t.keys.count_claims(&c, &scope, hour, amount, 5).await.unwrap() }
+        async move { t.keys.count_claims(&c, hour, &[ClaimCount { scope, amount, limit: 5 }]).await.unwrap() }
     };
     for i in 0..5 {
         assert!(count(&claimer, &target, hour, 1).await, "claim {i} is within the limit");
@@ -654,6 +656,23 @@ pub async fn claim_counts(t: &Tables) {
     assert!(count(&claimer, &target, hour + 1, 3).await, "a new hour starts from zero");
     assert!(!count(&claimer, &target, hour + 1, 3).await, "3 + 3 passes 5");
     assert!(count(&claimer, &target, hour + 1, 2).await, "the refusal counted nothing");
+
+    // Several counters at once: all move, or none.
+    let both = |amount| {
+        [
+            ClaimCount { scope: "*".into(), amount, limit: 4 },
+            ClaimCount { scope: target.clone(), amount: 1, limit: 2 },
+        ]
+    };
+    let fresh = InboxKey::Device(n.user("c"), n.device("phone"));
+    assert!(t.keys.count_claims(&fresh, hour, &both(1)).await.unwrap());
+    assert!(t.keys.count_claims(&fresh, hour, &both(1)).await.unwrap());
+    assert!(!t.keys.count_claims(&fresh, hour, &both(1)).await.unwrap(), "the device's counter is full");
+    let total = [ClaimCount { scope: "*".into(), amount: 2, limit: 4 }];
+    assert!(
+        t.keys.count_claims(&fresh, hour, &total).await.unwrap(),
+        "the refused request moved no counter, the total's included"
+    );
 }
 
 /// Receipt markers move forward only, each on its own.

@@ -41,7 +41,7 @@ use crate::{SdkFailure, sdk_error};
 use courier_core::domain::InboxKey;
 use courier_core::error::{Error, Result};
 use courier_core::ids::{DeviceId, UserId};
-use courier_core::ports::{DeviceKeys, KeyStore, KeyUpload, OneTimeKey, Uploaded};
+use courier_core::ports::{ClaimCount, DeviceKeys, KeyStore, KeyUpload, OneTimeKey, Uploaded};
 
 const BUNDLE_PREFIX: &str = "bundle#";
 /// TransactWriteItems takes at most this many items.
@@ -360,35 +360,64 @@ impl KeyStore for DynamoTables {
         Err(Error::unavailable("one-time prekey claims kept colliding"))
     }
 
-    async fn count_claims(
-        &self,
-        claimer: &InboxKey,
-        scope: &str,
-        hour: i64,
-        amount: u64,
-        limit: u64,
-    ) -> Result<bool> {
-        if amount > limit {
+    /// One conditional update per counter, in one transaction when there are
+    /// several (a getKeys of a user's devices: the total and one per
+    /// device), so a refusal by any counter moves none.
+    async fn count_claims(&self, claimer: &InboxKey, hour: i64, counts: &[ClaimCount]) -> Result<bool> {
+        if counts.iter().any(|c| c.amount > c.limit) {
             return Ok(false);
         }
-        let entry = format!("claims#{}#{hour}#{scope}", claimer.key());
-        let counted = self
-            .client
-            .update_item()
-            .table_name(&self.names.keys_table)
-            .set_key(Some(key([("userId", owner(claimer).as_str()), ("entry", &entry)])))
-            .update_expression("ADD used :amount SET expiresAt = :expires")
-            .condition_expression("attribute_not_exists(used) OR used <= :room")
-            .expression_attribute_values(":amount", n(amount as i64))
-            .expression_attribute_values(":room", n((limit - amount) as i64))
-            // An hour after the hour ends: TTL may lag, but the hour is in the key.
-            .expression_attribute_values(":expires", n((hour + 2) * HOUR_SECS))
-            .send()
-            .await;
-        match counted {
+        let table = &self.names.keys_table;
+        let update = |count: &ClaimCount| {
+            let entry = format!("claims#{}#{hour}#{}", claimer.key(), count.scope);
+            Update::builder()
+                .table_name(table)
+                .set_key(Some(key([("userId", owner(claimer).as_str()), ("entry", &entry)])))
+                .update_expression("ADD used :amount SET expiresAt = :expires")
+                .condition_expression("attribute_not_exists(used) OR used <= :room")
+                .expression_attribute_values(":amount", n(count.amount as i64))
+                .expression_attribute_values(":room", n((count.limit - count.amount) as i64))
+                // An hour after the hour ends: TTL may lag, but the hour is in the key.
+                .expression_attribute_values(":expires", n((hour + 2) * HOUR_SECS))
+                .build()
+                .map_err(Error::internal)
+        };
+        if let [count] = counts {
+            let u = update(count)?;
+            let counted = self
+                .client
+                .update_item()
+                .table_name(u.table_name())
+                .set_key(Some(u.key().clone()))
+                .update_expression(u.update_expression())
+                .set_condition_expression(u.condition_expression().map(str::to_owned))
+                .set_expression_attribute_values(u.expression_attribute_values().cloned())
+                .send()
+                .await;
+            return match counted {
+                Ok(_) => Ok(true),
+                Err(e) if condition_failed(&e) => Ok(false),
+                Err(e) => Err(sdk_error(e)),
+            };
+        }
+        let mut transaction = self.client.transact_write_items();
+        for count in counts {
+            transaction =
+                transaction.transact_items(TransactWriteItem::builder().update(update(count)?).build());
+        }
+        match transaction.send().await {
             Ok(_) => Ok(true),
-            Err(e) if condition_failed(&e) => Ok(false),
-            Err(e) => Err(sdk_error(e)),
+            Err(e) => {
+                let reasons = cancellation_reasons(&e);
+                if reasons.contains(&"ConditionalCheckFailed") {
+                    Ok(false)
+                } else if reasons.iter().any(|r| matches!(*r, "TransactionConflict" | "ThrottlingError")) {
+                    // Two getKeys of one claimer at once: worth another try.
+                    Err(Error::unavailable(SdkFailure(e)))
+                } else {
+                    Err(sdk_error(e))
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use super::Courier;
 use crate::domain::{Caller, Device, InboxKey, Millis};
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, UserId};
-use crate::ports::{DeviceKeys, Job, KeyUpload, OneTimeKey, PushTarget, SignedKey, Uploaded};
+use crate::ports::{ClaimCount, DeviceKeys, Job, KeyUpload, OneTimeKey, PushTarget, SignedKey, Uploaded};
 use crate::protocol::{
     self, DeviceIdentities, DeviceIdentity, DeviceList, DeviceMessage, DevicesSent, GetKeys, KeyBundle,
     KeyBundles, KeysLow, KeysStored, ListDevices, RecipientDevice, SendToDevices, ServerFrame, UploadKeys,
@@ -112,26 +112,19 @@ impl Courier {
         if let Some(device) = &cmd.device_id {
             ready.retain(|r| &r.device.id == device);
         }
-        // Counted before anything is claimed, so a refusal claims nothing.
-        let hour = now.div_euclid(HOUR_MS);
-        let claimer = caller.inbox();
+        // Counted before anything is claimed, all counters at once, so a
+        // refusal claims nothing and counts nothing.
+        let l = &self.limits;
+        let mut counts =
+            vec![ClaimCount { scope: "*".into(), amount: ready.len() as u64, limit: l.max_claims_per_hour }];
+        counts.extend(ready.iter().map(|r| ClaimCount {
+            scope: r.device.inbox().key(),
+            amount: 1,
+            limit: l.max_claims_per_target_per_hour,
+        }));
         let keys = &self.ports.keys;
-        let too_many = || Error::RateLimited("too many one-time prekeys claimed this hour".into());
-        if !ready.is_empty()
-            && !keys
-                .count_claims(&claimer, "*", hour, ready.len() as u64, self.limits.max_claims_per_hour)
-                .await?
-        {
-            return Err(too_many());
-        }
-        for r in &ready {
-            let scope = r.device.inbox().key();
-            if !keys
-                .count_claims(&claimer, &scope, hour, 1, self.limits.max_claims_per_target_per_hour)
-                .await?
-            {
-                return Err(too_many());
-            }
+        if !ready.is_empty() && !keys.count_claims(&caller.inbox(), now.div_euclid(HOUR_MS), &counts).await? {
+            return Err(Error::RateLimited("too many one-time prekeys claimed this hour".into()));
         }
         let mut devices = Vec::with_capacity(ready.len());
         for r in ready {

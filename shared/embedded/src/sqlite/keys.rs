@@ -10,7 +10,7 @@ use super::rows::{from_json, id, json};
 use courier_core::domain::InboxKey;
 use courier_core::error::Result;
 use courier_core::ids::{DeviceId, UserId};
-use courier_core::ports::{DeviceKeys, KeyStore, KeyUpload, OneTimeKey, Uploaded};
+use courier_core::ports::{ClaimCount, DeviceKeys, KeyStore, KeyUpload, OneTimeKey, Uploaded};
 
 #[async_trait]
 impl KeyStore for SqliteStore {
@@ -134,36 +134,41 @@ impl KeyStore for SqliteStore {
         .await
     }
 
-    async fn count_claims(
-        &self,
-        claimer: &InboxKey,
-        scope: &str,
-        hour: i64,
-        amount: u64,
-        limit: u64,
-    ) -> Result<bool> {
-        if amount > limit {
+    async fn count_claims(&self, claimer: &InboxKey, hour: i64, counts: &[ClaimCount]) -> Result<bool> {
+        if counts.iter().any(|c| c.amount > c.limit) {
             return Ok(false);
         }
-        let (claimer, scope, amount, limit) = (claimer.key(), scope.to_owned(), amount as i64, limit as i64);
-        // As the quotas: one statement, where a row of another hour starts
-        // over and the update happens only while the hour's count stays
-        // within the limit.
+        let (claimer, counts) = (claimer.key(), counts.to_vec());
+        // All in one write: every counter is checked before any is moved
+        // (the writer is the only one, so nothing moves in between). A row
+        // of another hour counts as zero and starts over.
         self.write(move |c| {
             // Other claimers' rows of hours gone by, found through the hour
             // index (a seek when there are none): so the table holds about
             // one hour of claims without a clean-up job.
             c.prepare_cached("DELETE FROM key_claims WHERE hour < ?1")?.execute([hour])?;
-            let changed = c
-                .prepare_cached(
-                    "INSERT INTO key_claims (claimer, scope, hour, used) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (claimer, scope) DO UPDATE SET
-                         used = CASE WHEN hour = excluded.hour THEN used + excluded.used ELSE excluded.used END,
-                         hour = excluded.hour
-                     WHERE CASE WHEN hour = excluded.hour THEN used + excluded.used ELSE excluded.used END <= ?5",
-                )?
-                .execute(params![claimer, scope, hour, amount, limit])?;
-            Ok(changed == 1)
+            let mut used = c.prepare_cached(
+                "SELECT used FROM key_claims WHERE claimer = ?1 AND scope = ?2 AND hour = ?3",
+            )?;
+            for count in &counts {
+                let now: i64 = used
+                    .query_row(params![claimer, count.scope, hour], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                if now as u64 + count.amount > count.limit {
+                    return Ok(false);
+                }
+            }
+            let mut add = c.prepare_cached(
+                "INSERT INTO key_claims (claimer, scope, hour, used) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (claimer, scope) DO UPDATE SET
+                     used = CASE WHEN hour = excluded.hour THEN used + excluded.used ELSE excluded.used END,
+                     hour = excluded.hour",
+            )?;
+            for count in &counts {
+                add.execute(params![claimer, count.scope, hour, count.amount as i64])?;
+            }
+            Ok(true)
         })
         .await
     }
