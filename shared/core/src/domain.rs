@@ -50,6 +50,8 @@ pub struct Limits {
     pub max_device_messages: usize,
     /// typing frames from one device to one chat closer together than this are dropped.
     pub typing_interval_ms: Millis,
+    /// No second wake-up of a device within this long while the first is unanswered.
+    pub wake_collapse_ms: Millis,
 }
 
 impl Default for Limits {
@@ -84,6 +86,7 @@ impl Default for Limits {
             keys_low_below: 10,
             max_device_messages: 100,
             typing_interval_ms: 1000,
+            wake_collapse_ms: 30_000,
         }
     }
 }
@@ -208,6 +211,8 @@ pub struct Device {
     pub id: DeviceId,
     pub connection: Option<crate::ids::ConnectionId>,
     pub last_seen: Millis,
+    /// Where to wake the device when it is not connected (`registerPush`).
+    pub push: Option<crate::ports::PushRegistration>,
 }
 
 impl Device {

@@ -39,7 +39,9 @@ pub enum Connected {
 pub trait DeviceStore: Send + Sync {
     /// Registers the device if new (refusing a device past `max_devices`
     /// live ones, where devices unseen since `expired_before` do not count)
-    /// and binds it to `connection`.
+    /// and binds it to `connection`. Clears the device's wake mark: a
+    /// wake-up is answered once the device connects. A device registered
+    /// anew (new, or back after it expired) has no push registration.
     async fn connect(
         &self,
         user: &UserId,
@@ -57,6 +59,35 @@ pub trait DeviceStore: Send + Sync {
     async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>>;
     /// Deletes devices unseen since `before`, with their inboxes. Returns them.
     async fn expire_devices(&self, before: Millis) -> Result<Vec<Device>>;
+    /// Stores the device's push registration, replacing any (the wake mark
+    /// goes with the old one). `false` when the device does not exist.
+    async fn register_push(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        registration: &PushRegistration,
+    ) -> Result<bool>;
+    /// Removes the device's registration if it is `expected` (whatever it is
+    /// when `None`) and returns what was removed.
+    async fn unregister_push(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        expected: Option<&PushRegistration>,
+    ) -> Result<Option<PushRegistration>>;
+    /// Begins a wake-up, atomically: when the device has a registration, no
+    /// live connection, and no wake-up begun at or after `not_before` (the
+    /// collapse window; `connect` clears the mark), sets the mark to `now`
+    /// and returns the registration; `None` otherwise.
+    async fn begin_wake(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        now: Millis,
+        not_before: Millis,
+    ) -> Result<Option<PushRegistration>>;
+    /// Clears the wake mark, so the wake-up can be tried again.
+    async fn end_wake(&self, user: &UserId, device: &DeviceId) -> Result<()>;
 }
 
 /// A message as stored until its fan-out is done. `json` is the wire form
@@ -423,6 +454,9 @@ pub enum Job {
     /// message row drops its body once fan-out is handed off) to these connections.
     #[serde(rename_all = "camelCase")]
     Deliver { message_id: MessageId, message: String, targets: Vec<PushTarget> },
+    /// Wake these devices, which have something to sync and no connection.
+    #[serde(rename_all = "camelCase")]
+    Wake { devices: Vec<WakeTarget> },
     /// Finish a fan-out if the send path did not mark it done.
     #[serde(rename_all = "camelCase")]
     FinishFanout { chat_id: ChatId, message_id: MessageId },
@@ -434,6 +468,14 @@ pub struct PushTarget {
     pub user_id: UserId,
     pub device_id: DeviceId,
     pub connection_id: ConnectionId,
+}
+
+/// A device to wake.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeTarget {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
 }
 
 #[async_trait]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::ids::{AttachmentId, ChatId, DeviceId, MessageId, UserId};
-pub use crate::ports::{OneTimeKey, SignedKey};
+pub use crate::ports::{OneTimeKey, Platform, SignedKey, WebPushKeys};
 
 mod request;
 
@@ -340,6 +340,28 @@ pub struct Typing {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct DeleteAccount {}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterPush {
+    pub platform: Platform,
+    /// fcm, apns, apns-sandbox.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// webpush.
+    #[serde(default)]
+    pub subscription: Option<Subscription>,
+}
+
+/// A Web Push subscription as the browser's `PushSubscription.toJSON()` gives it.
+#[derive(Debug, Deserialize)]
+pub struct Subscription {
+    pub endpoint: String,
+    pub keys: WebPushKeys,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct UnregisterPush {}
 
 // ---- results (the `data` of a SUCCESS) ----
 

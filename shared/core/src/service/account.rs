@@ -41,10 +41,9 @@ impl Courier {
         let mut connections = Vec::new();
         for device in self.ports.devices.devices_of(std::slice::from_ref(user), i64::MIN).await? {
             self.ports.keys.remove_keys(user, &device.id).await?;
-            if let Some(removed) = self.ports.devices.remove_device(user, &device.id).await?
-                && let Some(connection) = removed.connection
-            {
-                connections.push(connection);
+            if let Some(removed) = self.ports.devices.remove_device(user, &device.id).await? {
+                self.release_devices(std::slice::from_ref(&removed)).await;
+                connections.extend(removed.connection);
             }
         }
         self.ports.messages.drop_pending(user).await?;

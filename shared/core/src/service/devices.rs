@@ -64,6 +64,7 @@ impl Courier {
             .iter()
             .any(|k| &k.device == device);
         self.ports.keys.remove_keys(&caller.user, device).await?;
+        self.release_devices(std::slice::from_ref(&removed)).await;
         if was_ready {
             self.announce_devices(&caller.user, None).await;
         }

@@ -221,6 +221,9 @@ impl Courier {
             return Ok(DevicesSent { message_id: first });
         }
         // Stored: the pushes are a fast path; a device that misses one syncs it.
+        let inboxes: Vec<InboxKey> = items.iter().map(|(inbox, _)| inbox.clone()).collect();
+        let devices: Vec<Device> = ready.iter().map(|r| r.device.clone()).collect();
+        self.enqueue_wake(super::wake::wake_targets(&inboxes, &devices)).await;
         for (inbox, json) in &items {
             let InboxKey::Device(user, device) = inbox else { continue };
             let Some(connection) = by_key.get(&(user, device)).and_then(|r| r.device.connection.clone())
@@ -229,7 +232,7 @@ impl Courier {
             };
             let target =
                 PushTarget { user_id: user.clone(), device_id: device.clone(), connection_id: connection };
-            if let Err(e) = self.push_all([&target.connection_id], json).await {
+            if let Err(e) = self.push_message(json, std::slice::from_ref(&target)).await {
                 let job =
                     Job::Deliver { message_id: id.clone(), message: json.clone(), targets: vec![target] };
                 if !e.is_retryable() || self.ports.jobs.enqueue(&job, Duration::ZERO).await.is_err() {

@@ -6,10 +6,11 @@ use std::time::Duration;
 use tracing::instrument;
 
 use super::Courier;
+use super::wake::wake_targets;
 use crate::domain::{Caller, Device, InboxKey};
 use crate::error::{Error, Result};
 use crate::ids::{AttachmentId, ChatId, MessageId, UserId};
-use crate::ports::{Job, PushTarget, Quota, Store, StoredMessage};
+use crate::ports::{Job, PushTarget, Quota, Store, StoredMessage, WakeTarget};
 use crate::protocol::{Ack, Acked, Message, MessageSent, SendMessage, Sync, SyncPage};
 
 /// Connections per delivery job; small enough that one job's retry repeats little.
@@ -79,6 +80,7 @@ impl Courier {
                 self.link_attachments(&message.attachments, &chat.id).await?;
                 let targets = push_targets(&stored.recipients, &devices);
                 self.fan_out(&stored, targets).await;
+                self.enqueue_wake(wake_targets(&stored.recipients, &devices)).await;
                 Ok(MessageSent { message_id: stored.id, timestamp: now })
             }
             // A retry. It shares what the first send carried (which may have
@@ -129,11 +131,19 @@ impl Courier {
         }
     }
 
-    /// Pushes a stored message (a chat message or a device message) to these connections.
-    async fn push_message(&self, message_json: &str, targets: &[PushTarget]) -> Result<()> {
+    /// Pushes a stored message (a chat message or a device message) to these
+    /// connections. A device whose connection turns out gone is woken instead.
+    pub(super) async fn push_message(&self, message_json: &str, targets: &[PushTarget]) -> Result<()> {
         let frame = crate::protocol::stored_frame(message_json)
             .ok_or_else(|| Error::internal("a message to push that is no JSON object"))?;
-        self.push_all(targets.iter().map(|t| &t.connection_id), &frame).await
+        let gone = self.push_all(targets.iter().map(|t| &t.connection_id), &frame).await?;
+        let wake = targets
+            .iter()
+            .filter(|t| gone.contains(&t.connection_id))
+            .map(|t| WakeTarget { user_id: t.user_id.clone(), device_id: t.device_id.clone() })
+            .collect();
+        self.enqueue_wake(wake).await;
+        Ok(())
     }
 
     /// The safety net (fanout on the change feed, or a delayed job): finish a
@@ -160,6 +170,8 @@ impl Courier {
         let devices = self.live_devices(&users, now).await?;
         let targets = push_targets(&holders, &devices);
         self.push_message(&message.json, &targets).await?;
+        // The send path may have died before it asked for these.
+        self.enqueue_wake(wake_targets(&holders, &devices)).await;
         self.ports.messages.mark_fanned_out(chat, id).await
     }
 
@@ -195,6 +207,7 @@ impl Courier {
                 self.push_message(message, &live).await
             }
             Job::FinishFanout { chat_id, message_id } => self.finish_fanout(chat_id, message_id).await,
+            Job::Wake { devices } => self.wake(devices).await,
         }
     }
 

@@ -7,6 +7,7 @@ mod devices;
 mod keys;
 mod messages;
 mod receipts;
+mod wake;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ChatId, ConnectionId, IdGen, UserId};
 use crate::ports::{
     AttachmentStore, Blobs, ChatStore, Clock, DedupeKey, DeviceStore, Jobs, KeyStore, MessageStore, Posted,
-    Push, Quota, QuotaStore, ReceiptStore,
+    Push, Quota, QuotaStore, ReceiptStore, Wakeups,
 };
 
 /// The ports a `Courier` runs on, chosen once at start-up.
@@ -31,6 +32,7 @@ pub struct Ports {
     pub quotas: Arc<dyn QuotaStore>,
     pub keys: Arc<dyn KeyStore>,
     pub receipts: Arc<dyn ReceiptStore>,
+    pub wakeups: Arc<dyn Wakeups>,
     pub blobs: Arc<dyn Blobs>,
     pub push: Arc<dyn Push>,
     pub jobs: Arc<dyn Jobs>,
@@ -74,20 +76,22 @@ impl Courier {
     }
 
     /// Pushes one frame to each connection, in parallel; a connection found
-    /// gone is unbound from its device so later sends skip it.
+    /// gone is unbound from its device so later sends skip it, and returned.
     async fn push_all(
         &self,
         connections: impl IntoIterator<Item = &ConnectionId>,
         frame: &str,
-    ) -> Result<()> {
+    ) -> Result<Vec<ConnectionId>> {
         let posts = connections.into_iter().map(|c| async move { (c, self.ports.push.post(c, frame).await) });
         let mut first_error = None;
+        let mut gone = Vec::new();
         for (connection, outcome) in futures_util::future::join_all(posts).await {
             match outcome {
                 Ok(Posted::Sent) => {}
                 Ok(Posted::Gone) => {
                     tracing::debug!(%connection, "push found the connection gone");
                     self.ports.devices.disconnect(connection, self.now()).await?;
+                    gone.push(connection.clone());
                 }
                 Err(e) => {
                     tracing::warn!(%connection, error = %e, "push failed");
@@ -95,7 +99,7 @@ impl Courier {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(gone), Err)
     }
 
     /// Counts `amount` against one of the caller's daily quotas, or refuses
@@ -156,6 +160,7 @@ impl Courier {
         for device in &expired {
             self.ports.keys.remove_keys(&device.user, &device.id).await?;
         }
+        self.release_devices(&expired).await;
         for user in users {
             self.announce_devices(&user, None).await;
         }
