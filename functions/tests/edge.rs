@@ -1,6 +1,8 @@
 //! The deployed edge's own checks, which the local gateway makes too: the
 //! 32 KiB frame limit and the per-connection rate limit in `lambda::command`,
-//! and the download URLs `S3Blobs` presigns for getAttachment.
+//! each command route's function answering as the local gateway's dispatch
+//! and refusing other actions' frames as `$default` does, and the download
+//! URLs `S3Blobs` presigns for getAttachment.
 //!
 //! The rate limit's buckets live in the process (as in a Lambda execution
 //! environment), shared by every test here: each test uses its own
@@ -18,6 +20,7 @@ use courier_core::Courier;
 use courier_core::domain::Limits;
 use courier_core::ids::ConnectionId;
 use courier_core::ports::{Attachment, Blobs, Posted, Push};
+use courier_core::protocol::ListChats;
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
 use serde_json::{Value, json};
@@ -142,6 +145,67 @@ async fn the_51st_frame_of_a_burst_is_rate_limited_and_other_connections_are_not
         return;
     }
     panic!("no burst of 51 frames ran within 40 ms");
+}
+
+#[tokio::test]
+async fn a_route_answers_a_frame_for_another_action_as_default_does() {
+    let w = World::new();
+    let list_chats = async |connection: &str, frame: &str| {
+        answer(&lambda::command_for::<ListChats>(&w.courier, event(connection, frame)).await)
+    };
+    for (i, frame) in [
+        r#"{"action":"sync","requestId":"r1","limit":5}"#,
+        // Refused, not run: alice keeps her account and her phone.
+        r#"{"action":"deleteAccount","requestId":"r2"}"#,
+        r#"{"action":"removeDevice","deviceId":"phone"}"#,
+        r#"{"action":"nope","requestId":"r3"}"#,
+        r#"{"action":5}"#,
+        "not json",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let routed = list_chats(&format!("edge-route-{i}"), frame).await;
+        let default = answer(&lambda::default(event(&format!("edge-route-default-{i}"), frame)));
+        assert_eq!(routed, default, "{frame}");
+        assert_eq!(routed["status"], "FAILURE", "{frame}");
+    }
+    let own = list_chats("edge-route-own", r#"{"requestId":"r4","action":"listChats"}"#).await;
+    assert_eq!(own["status"], "SUCCESS", "{own}");
+    assert_eq!((&own["action"], &own["requestId"]), (&json!("listChats"), &json!("r4")));
+    // The edge of every command runs what the listChats route refused.
+    let sync = w.send("edge-route-any", r#"{"action":"sync","requestId":"r1","limit":5}"#).await;
+    assert_eq!(sync["status"], "SUCCESS", "{sync}");
+}
+
+#[tokio::test]
+async fn every_command_event_gets_the_same_answer_from_its_route_as_from_dispatch() {
+    let events = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../events");
+    let mut routes = 0;
+    for entry in std::fs::read_dir(events).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let Ok(mut event) = serde_json::from_str::<WsEvent>(&text) else { continue };
+        let key = event.request_context.route_key.clone().unwrap_or_default();
+        if courier_core::protocol::Action::from_name(&key).is_none() {
+            continue;
+        }
+        event.request_context.connection_id = Some(format!("edge-events-{key}"));
+        // Each in a world of its own, where most fail the same way: what
+        // is compared is the shape of the answer, not generated ids.
+        let typed = lambda::route(&World::new().courier, event.clone()).await;
+        let every = lambda::command(&World::new().courier, event).await;
+        let shape = |response: &WsResponse| match &response.body {
+            None => (response.status_code, None),
+            Some(_) => {
+                let a = answer(response);
+                let shape = [&a["action"], &a["requestId"], &a["status"], &a["error"]["code"]];
+                (response.status_code, Some(shape.map(Value::to_string)))
+            }
+        };
+        assert_eq!(shape(&typed), shape(&every), "events for {key}");
+        routes += 1;
+    }
+    assert_eq!(routes, courier_core::protocol::Action::ALL.len(), "an event file per command route");
 }
 
 #[tokio::test]

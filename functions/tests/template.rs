@@ -164,11 +164,11 @@ fn every_action_has_a_route_and_every_route_a_function() {
         assert!(permitted, "no permission for API Gateway to invoke {function} from {key}");
 
         // The binary runs the edge of that route: its own handler for the
-        // connection routes, the one command edge (and so the core's
-        // dispatch) for the actions.
+        // connection routes, the command edge typed by that route's own
+        // command (and so linking no other command) for the actions.
         let handler = match key.as_str() {
             "$connect" | "$disconnect" | "$default" => binary.replace('-', "_"),
-            _ => "command".to_owned(),
+            _ => format!("command_for::<{}>", pascal(&binary)),
         };
         assert!(
             binary_source(&binary).contains(&format!("lambda::{handler}(")),

@@ -1,6 +1,7 @@
 //! The `createAttachment` route of the WebSocket API.
 
 use courier_aws::lambda::{self, WsEvent, WsResponse};
+use courier_core::protocol::CreateAttachment;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 
 #[tokio::main]
@@ -8,7 +9,7 @@ async fn main() -> Result<(), Error> {
     courier_functions::init_tracing();
     let courier = courier_functions::courier().await?;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<WsEvent>| async move {
-        Ok::<WsResponse, Error>(lambda::command(courier, event.payload).await)
+        Ok::<WsResponse, Error>(lambda::command_for::<CreateAttachment>(courier, event.payload).await)
     }))
     .await
 }

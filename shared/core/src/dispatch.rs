@@ -6,6 +6,11 @@
 //! result becomes the response frame. Only a frame that does not parse is
 //! read again, leniently, to echo its action and requestId and say what is
 //! wrong.
+//!
+//! Each command is a [`Route`]: [`route`] runs one, reading only its own
+//! command, so that a Lambda function serving one route links that
+//! command's parser and service code and no other's. [`dispatch`] (the
+//! local gateway's, every command) picks the route and runs the same code.
 
 use std::borrow::Cow;
 
@@ -13,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Caller;
 use crate::error::Error;
-use crate::protocol::{self, Action, Command, ErrorCode, Request, RequestId};
+use crate::protocol::{self, Action, Command, ErrorCode, Request, RequestId, RouteCommand, RouteRequest};
 use crate::service::Courier;
 
 /// The route of frames that name no known action.
@@ -23,32 +28,92 @@ pub const DEFAULT_ROUTE: &str = "$default";
 /// or `None` when the answer was already pushed (a device removing itself
 /// is answered before its connection closes).
 pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option<String> {
-    let request = match parse(frame) {
+    let request: Request = match parse(frame) {
         Ok(request) => request,
         Err(refused) => return Some(refused),
     };
-    let action = request.command.action().name();
     let id = request.request_id.map(String::from);
-    let answer = |result| Some(respond(action, id.clone(), result));
     match request.command {
-        Command::CreateChat(c) => answer(to_value(courier.create_chat(caller, c).await)),
-        Command::SendMessage(c) => answer(to_value(courier.send_message(caller, c).await)),
-        Command::CreateAttachment(c) => answer(to_value(courier.create_attachment(caller, c).await)),
-        Command::GetAttachment(c) => answer(to_value(courier.get_attachment(caller, &c.attachment_id).await)),
-        Command::ModifyChatParticipants(c) => {
-            answer(to_value(courier.modify_chat_participants(caller, c).await))
+        Command::CreateChat(c) => c.run(courier, caller, id).await,
+        Command::SendMessage(c) => c.run(courier, caller, id).await,
+        Command::CreateAttachment(c) => c.run(courier, caller, id).await,
+        Command::GetAttachment(c) => c.run(courier, caller, id).await,
+        Command::ModifyChatParticipants(c) => c.run(courier, caller, id).await,
+        Command::ListChats(c) => c.run(courier, caller, id).await,
+        Command::Sync(c) => c.run(courier, caller, id).await,
+        Command::Ack(c) => c.run(courier, caller, id).await,
+        Command::RemoveDevice(c) => c.run(courier, caller, id).await,
+        Command::UploadKeys(c) => c.run(courier, caller, id).await,
+        Command::GetKeys(c) => c.run(courier, caller, id).await,
+        Command::ListDevices(c) => c.run(courier, caller, id).await,
+        Command::SendToDevices(c) => c.run(courier, caller, id).await,
+        Command::MarkRead(c) => c.run(courier, caller, id).await,
+        Command::GetReceipts(c) => c.run(courier, caller, id).await,
+        Command::Typing(c) => c.run(courier, caller, id).await,
+        Command::DeleteAccount(c) => c.run(courier, caller, id).await,
+    }
+}
+
+/// Runs one client frame on the route of `R`, as [`dispatch`] runs a frame
+/// of `R`'s action. A frame that names another action is answered as
+/// [`unrouted`] answers it, except that the other action's fields are not
+/// read (that would link its parser): a frame API Gateway would not have
+/// routed here gets UNKNOWN_ACTION even where `$default` would have said
+/// BAD_REQUEST about its fields.
+pub async fn route<R: Route>(courier: &Courier, caller: &Caller, frame: &str) -> Option<String> {
+    match parse::<RouteRequest<R>>(frame) {
+        Ok(request) => request.command.run(courier, caller, request.request_id.map(String::from)).await,
+        Err(refused) => Some(refused),
+    }
+}
+
+/// A command with its route: its one service call, and how its result
+/// answers the frame.
+pub trait Route: RouteCommand + Send {
+    /// Runs the command for `caller` and returns the frame that answers it,
+    /// echoing `request_id`, or `None` when the answer was already pushed.
+    fn run(
+        self,
+        courier: &Courier,
+        caller: &Caller,
+        request_id: Option<String>,
+    ) -> impl Future<Output = Option<String>> + Send;
+}
+
+/// The routes whose answer is their service call's result.
+macro_rules! routes {
+    ($($command:ident => |$courier:ident, $caller:ident, $c:ident| $call:expr;)*) => {$(
+        impl Route for protocol::$command {
+            async fn run(self, $courier: &Courier, $caller: &Caller, request_id: Option<String>) -> Option<String> {
+                let $c = self;
+                Some(respond(Self::ACTION.name(), request_id, to_value($call.await)))
+            }
         }
-        Command::ListChats(c) => answer(to_value(courier.list_chats(caller, c).await)),
-        Command::Sync(c) => answer(to_value(courier.sync(caller, c).await)),
-        Command::Ack(c) => answer(to_value(courier.ack(caller, c).await)),
-        Command::UploadKeys(c) => answer(to_value(courier.upload_keys(caller, c).await)),
-        Command::GetKeys(c) => answer(to_value(courier.get_keys(caller, c).await)),
-        Command::ListDevices(c) => answer(to_value(courier.list_devices(caller, c).await)),
-        Command::SendToDevices(c) => answer(to_value(courier.send_to_devices(caller, c).await)),
-        Command::MarkRead(c) => answer(to_value(courier.mark_read(caller, c).await)),
-        Command::GetReceipts(c) => answer(to_value(courier.get_receipts(caller, c).await)),
-        Command::Typing(c) => answer(to_value(courier.typing(caller, c).await)),
-        Command::DeleteAccount(_) => match courier.delete_account(caller).await {
+    )*};
+}
+
+routes! {
+    CreateChat => |courier, caller, c| courier.create_chat(caller, c);
+    SendMessage => |courier, caller, c| courier.send_message(caller, c);
+    CreateAttachment => |courier, caller, c| courier.create_attachment(caller, c);
+    GetAttachment => |courier, caller, c| courier.get_attachment(caller, &c.attachment_id);
+    ModifyChatParticipants => |courier, caller, c| courier.modify_chat_participants(caller, c);
+    ListChats => |courier, caller, c| courier.list_chats(caller, c);
+    Sync => |courier, caller, c| courier.sync(caller, c);
+    Ack => |courier, caller, c| courier.ack(caller, c);
+    UploadKeys => |courier, caller, c| courier.upload_keys(caller, c);
+    GetKeys => |courier, caller, c| courier.get_keys(caller, c);
+    ListDevices => |courier, caller, c| courier.list_devices(caller, c);
+    SendToDevices => |courier, caller, c| courier.send_to_devices(caller, c);
+    MarkRead => |courier, caller, c| courier.mark_read(caller, c);
+    GetReceipts => |courier, caller, c| courier.get_receipts(caller, c);
+    Typing => |courier, caller, c| courier.typing(caller, c);
+}
+
+impl Route for protocol::DeleteAccount {
+    async fn run(self, courier: &Courier, caller: &Caller, id: Option<String>) -> Option<String> {
+        let action = Self::ACTION.name();
+        match courier.delete_account(caller).await {
             // The caller's own connection is closed with the rest; the
             // answer goes out first where it still can.
             Ok(own) => {
@@ -64,10 +129,16 @@ pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option
                 }
                 None
             }
-            Err(e) => answer(Err(e)),
-        },
-        Command::RemoveDevice(c) => match courier.remove_device(caller, &c.device_id).await {
-            Ok(None) => answer(Ok(empty())),
+            Err(e) => Some(respond(action, id, Err(e))),
+        }
+    }
+}
+
+impl Route for protocol::RemoveDevice {
+    async fn run(self, courier: &Courier, caller: &Caller, id: Option<String>) -> Option<String> {
+        let action = Self::ACTION.name();
+        match courier.remove_device(caller, &self.device_id).await {
+            Ok(None) => Some(respond(action, id, Ok(empty()))),
             // Removing the device that asks closes this very connection:
             // the answer goes out first, as a push (a Lambda's route
             // response would arrive after the close).
@@ -82,8 +153,8 @@ pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option
                 }
                 None
             }
-            Err(e) => answer(Err(e)),
-        },
+            Err(e) => Some(respond(action, id, Err(e))),
+        }
     }
 }
 
@@ -116,9 +187,28 @@ pub fn error_frame(action: &str, request_id: Option<String>, error: &Error) -> S
     protocol::failure(action, request_id, error.code(), error.client_message())
 }
 
+/// What a frame is parsed into: any command's [`Request`], or one route's
+/// [`RouteRequest`].
+trait Frame: for<'de> Deserialize<'de> {
+    /// Whether a frame of `action` reads as this.
+    fn reads(action: Action) -> bool;
+}
+
+impl Frame for Request {
+    fn reads(_: Action) -> bool {
+        true
+    }
+}
+
+impl<C: RouteCommand> Frame for RouteRequest<C> {
+    fn reads(action: Action) -> bool {
+        action == C::ACTION
+    }
+}
+
 /// Parses a frame, or returns the FAILURE that answers it.
-fn parse(frame: &str) -> Result<Request, String> {
-    if let Ok(request) = serde_json::from_str::<Request>(frame) {
+fn parse<F: Frame>(frame: &str) -> Result<F, String> {
+    if let Ok(request) = serde_json::from_str::<F>(frame) {
         return Ok(request);
     }
     let head = match head(frame) {
@@ -132,13 +222,26 @@ fn parse(frame: &str) -> Result<Request, String> {
         let shown: String = head.action.chars().take(64).collect();
         return Err(protocol::failure(&shown, request_id, ErrorCode::UnknownAction, "unknown action".into()));
     };
+    if !F::reads(action) {
+        return Err(unserved(action, request_id));
+    }
     // The action is known, so the command's own fields are wrong: say which
     // way, without quoting the client's values back.
-    let message = match serde_json::from_str::<Request>(frame) {
+    let message = match serde_json::from_str::<F>(frame) {
         Err(e) => field_error(&e),
         Ok(_) => "the frame is not a valid request".to_owned(),
     };
     Err(protocol::failure(action.name(), request_id, ErrorCode::BadRequest, message))
+}
+
+/// The FAILURE of a valid frame whose action no route here serves.
+fn unserved(action: Action, request_id: Option<String>) -> String {
+    protocol::failure(
+        action.name(),
+        request_id,
+        ErrorCode::UnknownAction,
+        "no route serves this action".into(),
+    )
 }
 
 /// What a frame says before its command's fields are read.
@@ -209,14 +312,9 @@ fn field_error(e: &serde_json::Error) -> String {
 /// The answer of the `$default` route: a frame that names no known action
 /// (or one whose route is missing from the deployment).
 pub fn unrouted(frame: &str) -> String {
-    match parse(frame) {
+    match parse::<Request>(frame) {
         Err(refused) => refused,
-        Ok(request) => protocol::failure(
-            request.command.action().name(),
-            request.request_id.map(String::from),
-            ErrorCode::UnknownAction,
-            "no route serves this action".into(),
-        ),
+        Ok(request) => unserved(request.command.action(), request.request_id.map(String::from)),
     }
 }
 
@@ -235,7 +333,7 @@ mod tests {
     use super::*;
 
     fn parsed(frame: &str) -> Result<Command, serde_json::Value> {
-        parse(frame).map(|r| r.command).map_err(|f| serde_json::from_str(&f).unwrap())
+        parse::<Request>(frame).map(|r| r.command).map_err(|f| serde_json::from_str(&f).unwrap())
     }
 
     #[test]
@@ -244,6 +342,35 @@ mod tests {
         assert!(matches!(c, Command::Sync(protocol::Sync { limit: Some(5), cursor: None })));
         let c = parsed(r#"{"limit":5,"action":"listChats"}"#).unwrap();
         assert_eq!(c.action(), Action::ListChats);
+    }
+
+    #[test]
+    fn a_route_refuses_what_is_not_its_own_as_default_does() {
+        let routed = |frame| parse::<RouteRequest<protocol::Sync>>(frame).map(|r| r.command);
+        let ok = routed(r#"{"requestId":"r","action":"sync","limit":3}"#).unwrap();
+        assert_eq!(ok.limit, Some(3));
+        for frame in [
+            // Another action, valid: `$default`'s "no route serves this action".
+            r#"{"action":"ack","requestId":"r1","messageIds":["a"]}"#,
+            r#"{"action":"deleteAccount"}"#,
+            // Its own action, but fields of the wrong type.
+            r#"{"action":"sync","requestId":"r2","limit":"x"}"#,
+            r#"{"limit":-1,"action":"sync"}"#,
+            // No request at all.
+            r#"{"action":"nope","requestId":"r3"}"#,
+            r#"{"action":5}"#,
+            r#"{"action":"sync","requestId":5}"#,
+            r#"{"action":"sync","action":"ack"}"#,
+            "[1]",
+            "{",
+        ] {
+            assert_eq!(routed(frame).unwrap_err(), unrouted(frame), "{frame}");
+        }
+        // Where `$default` reads another action's fields, a route does not:
+        // that would link the other command's parser.
+        let f: serde_json::Value =
+            serde_json::from_str(&routed(r#"{"action":"ack","messageIds":5}"#).unwrap_err()).unwrap();
+        assert_eq!((&f["action"], &f["error"]["code"]), (&"ack".into(), &"UNKNOWN_ACTION".into()));
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! events in, the core's typed path through, the responses Lambda returns out.
 //!
 //! A command route's function reads the caller from the authorizer context
-//! and hands the frame to [`courier_core::dispatch::dispatch`], as the
-//! local gateway does, after the same frame-size and rate checks; every
-//! `events/` file runs through here in the tests.
+//! and hands the frame to its route, [`courier_core::dispatch::route`],
+//! after the frame-size and rate checks the local gateway makes too: the
+//! same answers as the local gateway's [`courier_core::dispatch::dispatch`],
+//! while its binary links only its own command. Every `events/` file runs
+//! through here in the tests.
 
 mod connection;
 mod events;
@@ -16,10 +18,10 @@ use std::time::Instant;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
 use courier_core::Courier;
-use courier_core::dispatch::{self, DEFAULT_ROUTE};
+use courier_core::dispatch::{self, DEFAULT_ROUTE, Route};
 use courier_core::domain::Caller;
 use courier_core::ids::{ConnectionId, DeviceId, UserId};
-use courier_core::protocol::ErrorCode;
+use courier_core::protocol::{self, Action, ErrorCode};
 use courier_core::ratelimit::{RateLimit, TokenBucket};
 use serde_json::Value;
 
@@ -41,33 +43,85 @@ pub const DEFAULT: &str = DEFAULT_ROUTE;
 /// of up to 128 KB, so the edge checks.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024;
 
-/// Runs the event as its route's function would.
+/// Runs the event as its route's function would: a command route key runs
+/// its typed route ([`command_for`]); one that names no command, every
+/// command ([`command`]).
 pub async fn route(courier: &Courier, event: WsEvent) -> WsResponse {
-    match event.request_context.route_key.as_deref().unwrap_or_default() {
+    let key = event.request_context.route_key.as_deref().unwrap_or_default();
+    match key {
         CONNECT => connect(courier, event).await,
         DISCONNECT => disconnect(courier, event).await,
         DEFAULT => default(event),
-        _ => command(courier, event).await,
+        _ => match Action::from_name(key) {
+            Some(action) => command_on(action, courier, event).await,
+            None => command(courier, event).await,
+        },
     }
 }
 
-/// A command route: the frame through the core's dispatch, as the caller
-/// the authorizer named, unless [`refused`] first.
+/// The route of `action`, as its function runs it.
+async fn command_on(action: Action, courier: &Courier, event: WsEvent) -> WsResponse {
+    match action {
+        Action::CreateChat => command_for::<protocol::CreateChat>(courier, event).await,
+        Action::SendMessage => command_for::<protocol::SendMessage>(courier, event).await,
+        Action::CreateAttachment => command_for::<protocol::CreateAttachment>(courier, event).await,
+        Action::GetAttachment => command_for::<protocol::GetAttachment>(courier, event).await,
+        Action::ModifyChatParticipants => {
+            command_for::<protocol::ModifyChatParticipants>(courier, event).await
+        }
+        Action::ListChats => command_for::<protocol::ListChats>(courier, event).await,
+        Action::Sync => command_for::<protocol::Sync>(courier, event).await,
+        Action::Ack => command_for::<protocol::Ack>(courier, event).await,
+        Action::RemoveDevice => command_for::<protocol::RemoveDevice>(courier, event).await,
+        Action::UploadKeys => command_for::<protocol::UploadKeys>(courier, event).await,
+        Action::GetKeys => command_for::<protocol::GetKeys>(courier, event).await,
+        Action::ListDevices => command_for::<protocol::ListDevices>(courier, event).await,
+        Action::SendToDevices => command_for::<protocol::SendToDevices>(courier, event).await,
+        Action::MarkRead => command_for::<protocol::MarkRead>(courier, event).await,
+        Action::GetReceipts => command_for::<protocol::GetReceipts>(courier, event).await,
+        Action::Typing => command_for::<protocol::Typing>(courier, event).await,
+        Action::DeleteAccount => command_for::<protocol::DeleteAccount>(courier, event).await,
+    }
+}
+
+/// A frame of any command, through the core's dispatch, as the caller the
+/// authorizer named, unless [`refused`] first. It links every command; a
+/// deployed route's function uses [`command_for`].
 pub async fn command(courier: &Courier, event: WsEvent) -> WsResponse {
     let frame = event.body.as_deref().unwrap_or_default();
-    if let Some(refusal) = refused(&event, frame) {
-        return reply(refusal);
+    match admit(&event, frame) {
+        Ok(caller) => answered(dispatch::dispatch(courier, &caller, frame).await),
+        Err(refusal) => reply(refusal),
     }
-    match caller(&event) {
-        Some(caller) => match dispatch::dispatch(courier, &caller, frame).await {
-            Some(answer) => reply(answer),
-            None => status(200),
-        },
-        None => reply(dispatch::refusal(
-            frame,
-            ErrorCode::Unauthorized,
-            "the connection carries no verified identity",
-        )),
+}
+
+/// The route of command `R`: as [`command`] for a frame of `R`'s action,
+/// and `$default`'s answer for any other, linking `R`'s code only.
+pub async fn command_for<R: Route>(courier: &Courier, event: WsEvent) -> WsResponse {
+    let frame = event.body.as_deref().unwrap_or_default();
+    match admit(&event, frame) {
+        Ok(caller) => answered(dispatch::route::<R>(courier, &caller, frame).await),
+        Err(refusal) => reply(refusal),
+    }
+}
+
+/// The caller of a command frame, or the FAILURE that refuses the frame
+/// before any work.
+fn admit(event: &WsEvent, frame: &str) -> Result<Caller, String> {
+    if let Some(refusal) = refused(event, frame) {
+        return Err(refusal);
+    }
+    caller(event).ok_or_else(|| {
+        dispatch::refusal(frame, ErrorCode::Unauthorized, "the connection carries no verified identity")
+    })
+}
+
+/// The route response of a command's answer: the frame, or a bare 200 when
+/// the answer was pushed.
+fn answered(answer: Option<String>) -> WsResponse {
+    match answer {
+        Some(answer) => reply(answer),
+        None => status(200),
     }
 }
 

@@ -10,6 +10,8 @@ pub use crate::ports::{OneTimeKey, Platform, SignedKey, WebPushKeys};
 
 mod request;
 
+pub use request::{RouteCommand, RouteRequest};
+
 /// The route keys of the WebSocket API, one per command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {

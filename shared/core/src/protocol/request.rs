@@ -1,4 +1,5 @@
-//! Reading a client frame into a [`Request`] in one pass over its text.
+//! Reading a client frame into a [`Request`] (any command) or a
+//! [`RouteRequest`] (one route's command) in one pass over its text.
 //!
 //! serde's internally tagged enums buffer the whole object before they look
 //! at the tag, and take a number for a variant's index (`{"action":5}` would
@@ -6,9 +7,14 @@
 //! before `action` (clients send it first, so usually none) are kept as
 //! borrowed raw JSON, then the command's struct reads the rest straight from
 //! the frame, with `requestId` taken out wherever it stands.
+//!
+//! A [`RouteRequest`] names only its own command's struct, so a route's
+//! binary links that command's deserializer and no other: a frame for
+//! another action stops at its `action`.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::value::{CowStrDeserializer, MapAccessDeserializer};
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
@@ -16,22 +22,104 @@ use serde_json::value::RawValue;
 
 use super::{Action, Command, Request, RequestId};
 
+/// A command that has a route of its own: the struct its action's frames
+/// are read into.
+pub trait RouteCommand: for<'de> Deserialize<'de> {
+    const ACTION: Action;
+}
+
+macro_rules! route_commands {
+    ($($command:ident),* $(,)?) => {$(
+        impl RouteCommand for super::$command {
+            const ACTION: Action = Action::$command;
+        }
+    )*};
+}
+
+route_commands!(
+    CreateChat,
+    SendMessage,
+    CreateAttachment,
+    GetAttachment,
+    ModifyChatParticipants,
+    ListChats,
+    Sync,
+    Ack,
+    RemoveDevice,
+    UploadKeys,
+    GetKeys,
+    ListDevices,
+    SendToDevices,
+    MarkRead,
+    GetReceipts,
+    Typing,
+    DeleteAccount,
+);
+
+/// A frame for the route of `C`: a frame whose action is another's does
+/// not read as one (and its fields are not looked at).
+#[derive(Debug)]
+pub struct RouteRequest<C> {
+    pub request_id: Option<RequestId>,
+    pub command: C,
+}
+
 impl<'de> Deserialize<'de> for Request {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(RequestVisitor)
+        let (request_id, command) = deserializer.deserialize_map(RequestVisitor::<Command>(PhantomData))?;
+        Ok(Request { request_id, command })
     }
 }
 
-struct RequestVisitor;
+impl<'de, C: RouteCommand> Deserialize<'de> for RouteRequest<C> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (request_id, command) = deserializer.deserialize_map(RequestVisitor::<Only<C>>(PhantomData))?;
+        Ok(RouteRequest { request_id, command: command.0 })
+    }
+}
 
-impl<'de> Visitor<'de> for RequestVisitor {
-    type Value = Request;
+/// What a frame's fields are read into once its action is known: any
+/// command ([`Command`]) or one route's ([`Only`]).
+trait Commands: Sized {
+    /// The action a frame names, if this reads its command.
+    fn action(name: &str) -> Option<Action>;
+
+    fn read<'de, D: Deserializer<'de>>(action: Action, fields: D) -> Result<Self, D::Error>;
+}
+
+impl Commands for Command {
+    fn action(name: &str) -> Option<Action> {
+        Action::from_name(name)
+    }
+
+    fn read<'de, D: Deserializer<'de>>(action: Action, fields: D) -> Result<Self, D::Error> {
+        read_command(action, fields)
+    }
+}
+
+/// The command of one route, and no other.
+struct Only<C>(C);
+
+impl<C: RouteCommand> Commands for Only<C> {
+    fn action(name: &str) -> Option<Action> {
+        (name == C::ACTION.name()).then_some(C::ACTION)
+    }
+
+    fn read<'de, D: Deserializer<'de>>(_: Action, fields: D) -> Result<Self, D::Error> {
+        C::deserialize(fields).map(Only)
+    }
+}
+
+struct RequestVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Commands> Visitor<'de> for RequestVisitor<T> {
+    type Value = (Option<RequestId>, T);
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object with an action")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Request, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut request_id = None;
         let mut before = Vec::new();
         let action = loop {
@@ -44,13 +132,13 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 _ => before.push((key, map.next_value::<&'de RawValue>()?)),
             }
         };
-        let Some(action) = Action::from_name(&action) else {
+        let Some(action) = T::action(&action) else {
             return Err(de::Error::custom("unknown action"));
         };
         let mut fields =
             Fields { before: before.into_iter(), pending: None, map, request_id: &mut request_id };
-        let command = read_command(action, MapAccessDeserializer::new(&mut fields))?;
-        Ok(Request { request_id, command })
+        let command = T::read(action, MapAccessDeserializer::new(&mut fields))?;
+        Ok((request_id, command))
     }
 }
 
@@ -170,6 +258,24 @@ mod tests {
             r#"{"requestId":"r"}"#,
             r#"{"action":"sync","action":"ack"}"#,
             r#"["sync"]"#,
+        ] {
+            assert!(read(frame).is_err(), "{frame}");
+        }
+    }
+
+    #[test]
+    fn a_route_reads_its_own_action_only_and_as_any_frame_reads() {
+        let frame = r#"{"limit":7,"requestId":"r","action":"sync","cursor":"c"}"#;
+        let r: RouteRequest<super::super::Sync> = serde_json::from_str(frame).unwrap();
+        assert_eq!(r.request_id.map(String::from).as_deref(), Some("r"));
+        assert_eq!((r.command.limit, r.command.cursor.as_deref()), (Some(7), Some("c")));
+        let read = |frame| serde_json::from_str::<RouteRequest<super::super::Sync>>(frame);
+        for frame in [
+            r#"{"action":"ack","messageIds":["a"]}"#,
+            r#"{"action":"nope"}"#,
+            r#"{"action":5}"#,
+            r#"{"action":"sync","action":"ack"}"#,
+            r#"{"action":"sync","limit":"x"}"#,
         ] {
             assert!(read(frame).is_err(), "{frame}");
         }
