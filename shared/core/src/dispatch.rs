@@ -51,6 +51,8 @@ pub async fn dispatch(courier: &Courier, caller: &Caller, frame: &str) -> Option
         Command::GetReceipts(c) => c.run(courier, caller, id).await,
         Command::Typing(c) => c.run(courier, caller, id).await,
         Command::DeleteAccount(c) => c.run(courier, caller, id).await,
+        Command::RegisterPush(c) => c.run(courier, caller, id).await,
+        Command::UnregisterPush(c) => c.run(courier, caller, id).await,
     }
 }
 
@@ -108,6 +110,8 @@ routes! {
     MarkRead => |courier, caller, c| courier.mark_read(caller, c);
     GetReceipts => |courier, caller, c| courier.get_receipts(caller, c);
     Typing => |courier, caller, c| courier.typing(caller, c);
+    RegisterPush => |courier, caller, c| courier.register_push(caller, c);
+    UnregisterPush => |courier, caller, c| courier.unregister_push(caller, c);
 }
 
 impl Route for protocol::DeleteAccount {

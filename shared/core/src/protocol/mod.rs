@@ -32,10 +32,12 @@ pub enum Action {
     GetReceipts,
     Typing,
     DeleteAccount,
+    RegisterPush,
+    UnregisterPush,
 }
 
 impl Action {
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 19] = [
         Action::CreateChat,
         Action::SendMessage,
         Action::CreateAttachment,
@@ -53,6 +55,8 @@ impl Action {
         Action::GetReceipts,
         Action::Typing,
         Action::DeleteAccount,
+        Action::RegisterPush,
+        Action::UnregisterPush,
     ];
 
     /// The name on the wire, which is also the API Gateway route key.
@@ -75,6 +79,8 @@ impl Action {
             Action::GetReceipts => "getReceipts",
             Action::Typing => "typing",
             Action::DeleteAccount => "deleteAccount",
+            Action::RegisterPush => "registerPush",
+            Action::UnregisterPush => "unregisterPush",
         }
     }
 
@@ -136,6 +142,8 @@ pub enum Command {
     GetReceipts(GetReceipts),
     Typing(Typing),
     DeleteAccount(DeleteAccount),
+    RegisterPush(RegisterPush),
+    UnregisterPush(UnregisterPush),
 }
 
 impl Command {
@@ -158,6 +166,8 @@ impl Command {
             Command::GetReceipts(_) => Action::GetReceipts,
             Command::Typing(_) => Action::Typing,
             Command::DeleteAccount(_) => Action::DeleteAccount,
+            Command::RegisterPush(_) => Action::RegisterPush,
+            Command::UnregisterPush(_) => Action::UnregisterPush,
         }
     }
 }

@@ -54,6 +54,8 @@ route_commands!(
     GetReceipts,
     Typing,
     DeleteAccount,
+    RegisterPush,
+    UnregisterPush,
 );
 
 /// A frame for the route of `C`: a frame whose action is another's does
@@ -161,6 +163,8 @@ fn read_command<'de, D: Deserializer<'de>>(action: Action, fields: D) -> Result<
         Action::GetReceipts => Command::GetReceipts(Deserialize::deserialize(fields)?),
         Action::Typing => Command::Typing(Deserialize::deserialize(fields)?),
         Action::DeleteAccount => Command::DeleteAccount(Deserialize::deserialize(fields)?),
+        Action::RegisterPush => Command::RegisterPush(Deserialize::deserialize(fields)?),
+        Action::UnregisterPush => Command::UnregisterPush(Deserialize::deserialize(fields)?),
     })
 }
 
