@@ -81,6 +81,8 @@ async fn command_on(action: Action, courier: &Courier, event: WsEvent) -> WsResp
         Action::GetReceipts => command_for::<protocol::GetReceipts>(courier, event).await,
         Action::Typing => command_for::<protocol::Typing>(courier, event).await,
         Action::DeleteAccount => command_for::<protocol::DeleteAccount>(courier, event).await,
+        Action::RegisterPush => command_for::<protocol::RegisterPush>(courier, event).await,
+        Action::UnregisterPush => command_for::<protocol::UnregisterPush>(courier, event).await,
     }
 }
 
