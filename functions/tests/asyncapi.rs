@@ -2,7 +2,8 @@
 //! response message, every server frame type a message, the enums are the
 //! code's, and every example parses as the frame it shows (a request as the
 //! server reads it, an answer's data as the command's result type), so a
-//! field the document misspells or leaves out fails here.
+//! field the document misspells or leaves out fails here. The wake-up, which
+//! a push service carries rather than the WebSocket, has its own channel.
 
 use std::collections::BTreeSet;
 
@@ -80,9 +81,12 @@ fn check_data(action: Action, data: &Value) -> Result<(), serde_json::Error> {
         Action::ListChats => as_::<ChatList>(data),
         Action::Sync => as_::<SyncPage>(data),
         Action::Ack => as_::<Acked>(data),
-        Action::RemoveDevice | Action::MarkRead | Action::Typing | Action::DeleteAccount => {
-            as_::<Empty>(data)
-        }
+        Action::RemoveDevice
+        | Action::MarkRead
+        | Action::Typing
+        | Action::DeleteAccount
+        | Action::RegisterPush
+        | Action::UnregisterPush => as_::<Empty>(data),
         Action::UploadKeys => as_::<KeysStored>(data),
         Action::GetKeys => as_::<KeyBundles>(data),
         Action::ListDevices => as_::<DeviceIdentities>(data),
@@ -174,7 +178,9 @@ fn every_example_is_a_frame_courier_reads() {
     let doc = document();
     let messages = doc["components"]["messages"].as_object().expect("components.messages");
     let mut checked = 0;
-    for name in messages.keys() {
+    // Not a WebSocket frame: the_wake_up_carries_nothing_but_its_type checks it.
+    let wake = wake_messages(&doc);
+    for name in messages.keys().filter(|m| !wake.contains(*m)) {
         for example in examples(&doc, name) {
             let text = example.to_string();
             if let Some(action) = Action::from_name(name) {
@@ -203,4 +209,34 @@ fn every_example_is_a_frame_courier_reads() {
         }
     }
     assert!(checked > 40, "only {checked} examples");
+}
+
+/// The messages of the `wake` channel (what a push service carries).
+fn wake_messages(doc: &Value) -> BTreeSet<String> {
+    let channel = doc["channels"]["wake"]["messages"].as_object().expect("channels.wake.messages");
+    channel
+        .values()
+        .filter_map(|m| m["$ref"].as_str()?.strip_prefix("#/components/messages/"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_wake_up_carries_nothing_but_its_type() {
+    let doc = document();
+    let wake = wake_messages(&doc);
+    assert_eq!(wake, BTreeSet::from(["wake".to_owned()]), "one message on the wake channel");
+    // courier_wake::webpush::WAKE_PAYLOAD, the payload of every platform's wake-up.
+    assert_eq!(examples(&doc, "wake"), [serde_json::json!({"type": "wake"})]);
+    let schema = &doc["components"]["schemas"]["WakePayload"];
+    assert_eq!(schema["additionalProperties"], false, "content-free: no field but type");
+    assert_eq!(schema["properties"].as_object().map(|p| p.len()), Some(1));
+    assert_eq!(schema["properties"]["type"]["const"], "wake");
+    let receive = refs(&doc["operations"]["receiveWake"]["messages"]);
+    assert_eq!(receive, BTreeSet::from(["#/channels/wake/messages/wake".to_owned()]));
+    assert_eq!(doc["operations"]["receiveWake"]["action"], "receive");
+    assert!(
+        !refs(&doc["operations"]["receive"]["messages"]).iter().any(|m| m.ends_with("/wake")),
+        "a wake-up never comes over the WebSocket"
+    );
 }
