@@ -1,8 +1,10 @@
-//! Adapters for the deployed shape: DynamoDB tables, SQS jobs, S3 blobs and
-//! API Gateway Management pushes, behind the same ports as the embedded ones.
+//! Adapters for the deployed shape: DynamoDB tables, SQS jobs, S3 blobs,
+//! API Gateway Management pushes and wake-ups through SNS and Web Push,
+//! behind the same ports as the embedded ones.
 //!
 //! Every Lambda builds one [`Aws`] at cold start from its environment (the
-//! names `template.yaml` sets) and hands [`Aws::ports`] to the service.
+//! names `template.yaml` sets) and hands [`Aws::ports`] to the service, or
+//! [`Aws::ports_with`] and a [`NoWakeups`] when it never wakes a device.
 
 mod dynamo;
 pub mod lambda;
@@ -10,6 +12,7 @@ mod push;
 mod s3;
 pub mod schema;
 mod sqs;
+mod wake;
 
 use std::sync::Arc;
 
@@ -19,11 +22,18 @@ pub use dynamo::DynamoTables;
 pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
 pub use sqs::{SqsJobs, done_receipts, lambda_event};
+pub use wake::{
+    APNS_APPLICATION_ENV, APNS_SANDBOX_APPLICATION_ENV, APNS_WAKE_LOC_KEY, FCM_APPLICATION_ENV, NoWakeups,
+    PUSH_SUBJECT_ENV, SnsWakeups, VAPID_PARAMETER_ENV, WakeSettings,
+};
 /// The SDK crates, for callers that create resources or build clients.
-pub use {aws_config, aws_sdk_apigatewaymanagement, aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sqs};
+pub use {
+    aws_config, aws_sdk_apigatewaymanagement, aws_sdk_dynamodb, aws_sdk_s3, aws_sdk_sns, aws_sdk_sqs,
+    aws_sdk_ssm,
+};
 
 use courier_core::error::{Error, Result};
-use courier_core::ports::{Clock, SystemClock};
+use courier_core::ports::{Clock, SystemClock, Wakeups};
 use courier_core::service::Ports;
 
 /// The names of the deployed resources, as `template.yaml` passes them in.
@@ -44,8 +54,10 @@ pub struct Names {
     pub connections_endpoint: String,
 }
 
-/// Every environment variable [`Names::from_env`] reads; the template test checks the template sets each.
-pub const ENV_VARS: [&str; 12] = [
+/// Every environment variable [`Aws::from_env`] reads: [`Names::from_env`]'s
+/// twelve, then [`WakeSettings::from_env`]'s five. The template test checks
+/// the template sets each.
+pub const ENV_VARS: [&str; 17] = [
     "COURIER_CHATS_TABLE",
     "COURIER_PARTICIPANTS_TABLE",
     "COURIER_DEVICES_TABLE",
@@ -58,6 +70,11 @@ pub const ENV_VARS: [&str; 12] = [
     "COURIER_JOBS_QUEUE_URL",
     "COURIER_MEDIA_BUCKET",
     "COURIER_CONNECTIONS_ENDPOINT",
+    FCM_APPLICATION_ENV,
+    APNS_APPLICATION_ENV,
+    APNS_SANDBOX_APPLICATION_ENV,
+    VAPID_PARAMETER_ENV,
+    PUSH_SUBJECT_ENV,
 ];
 
 impl Names {
@@ -115,6 +132,13 @@ pub struct Aws {
     pub sqs: aws_sdk_sqs::Client,
     pub s3: aws_sdk_s3::Client,
     pub management: aws_sdk_apigatewaymanagement::Client,
+    /// Which push platforms [`Aws::ports`] wakes devices through: all off
+    /// but from [`Aws::from_env`].
+    pub wake: WakeSettings,
+    /// What the wake-up clients are built from, when [`Aws::sns_wakeups`] is
+    /// called: only the functions that wake devices build them.
+    config: aws_config::SdkConfig,
+    interceptor: Option<SharedInterceptor>,
 }
 
 impl Aws {
@@ -137,11 +161,11 @@ impl Aws {
         let mut s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(true);
         let mut management = aws_sdk_apigatewaymanagement::config::Builder::from(config)
             .endpoint_url(&names.connections_endpoint);
-        if let Some(interceptor) = interceptor {
+        if let Some(interceptor) = &interceptor {
             dynamodb.push_interceptor(interceptor.clone());
             sqs.push_interceptor(interceptor.clone());
             s3.push_interceptor(interceptor.clone());
-            management.push_interceptor(interceptor);
+            management.push_interceptor(interceptor.clone());
         }
         Self {
             dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
@@ -149,22 +173,39 @@ impl Aws {
             s3: aws_sdk_s3::Client::from_conf(s3.build()),
             management: aws_sdk_apigatewaymanagement::Client::from_conf(management.build()),
             names,
+            wake: WakeSettings::default(),
+            config: config.clone(),
+            interceptor,
         }
     }
 
-    /// Loads the SDK config and the names from the environment.
+    /// Loads the SDK config, the names and the wake-up settings from the environment.
     pub async fn from_env() -> Result<Self> {
         let names = Names::from_env()?;
+        let wake = WakeSettings::from_env()?;
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Ok(Self::new(&config, names))
+        Ok(Self { wake, ..Self::new(&config, names) })
     }
 
-    /// The ports of the deployed shape.
+    /// The ports of the deployed shape, waking devices through SNS and Web Push.
     pub fn ports(&self) -> Ports {
         self.ports_with_clock(Arc::new(SystemClock))
     }
 
     pub fn ports_with_clock(&self, clock: Arc<dyn Clock>) -> Ports {
+        self.ports_with(clock, Arc::new(self.sns_wakeups()))
+    }
+
+    /// The wake-ups of [`Aws::wake`], over clients of this config (watched as the others are).
+    pub fn sns_wakeups(&self) -> SnsWakeups {
+        SnsWakeups::new(&self.config, self.interceptor.clone(), self.wake.clone())
+    }
+
+    /// The ports with these wake-ups. A binary that builds its ports only
+    /// this way, with a [`NoWakeups`], links no SNS, SSM or Web Push code:
+    /// [`Aws::ports`] names [`SnsWakeups`], whose methods every binary that
+    /// calls it carries, called or not.
+    pub fn ports_with(&self, clock: Arc<dyn Clock>, wakeups: Arc<dyn Wakeups>) -> Ports {
         let tables = Arc::new(DynamoTables::new(self.dynamodb.clone(), self.names.clone()));
         Ports {
             chats: tables.clone(),
@@ -174,6 +215,7 @@ impl Aws {
             quotas: tables.clone(),
             keys: tables.clone(),
             receipts: tables,
+            wakeups,
             blobs: Arc::new(S3Blobs::new(self.s3.clone(), self.names.media_bucket.clone())),
             push: Arc::new(ApiGatewayPush::new(self.management.clone())),
             jobs: Arc::new(SqsJobs::new(self.sqs.clone(), self.names.jobs_queue_url.clone(), clock.clone())),

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | chats | `chatId` | name, members (with joinedAt, in seniority order), admins, version |
 //! | participants | `chatId`, `userId`; index `byUser`: `userId`, `chatId` | one membership, for listChats |
-//! | devices | `userId`, `deviceId` | live connectionId, lastSeen, TTL lastSeen + 30 d |
+//! | devices | `userId`, `deviceId` | live connectionId, lastSeen, push (the registration, a map) and wokenAt (the wake mark), TTL lastSeen + 30 d |
 //! | connections | `connectionId` | userId, deviceId, TTL connectedAt + 2 h 10 min |
 //! | messages | `chatId`, `messageId` | the wire JSON until fan-out is done, recipients, fannedOut, TTL; streamed. Dedupe rows share it under `messageId` = `dedupe#user#device#clientMessageId` |
 //! | inbox | `inbox` (`user#device` or `user#*`), `messageId` | the wire JSON, TTL 30 d. The dedupe rows of sendToDevices share it under `inbox` = `dedupe#user#device`, `messageId` = clientMessageId |

@@ -773,3 +773,129 @@ async fn a_claim_that_loses_its_key_takes_another() {
         "the lost claim's count is spent, its key kept"
     );
 }
+
+/// A device's push registration and wake mark ride on its row: what each
+/// step of a wake-up asks of DynamoDB (docs/cost.md's "Wake-ups"), and what
+/// the contract cannot see (no row made for a device that is not there, the
+/// registration kept by a reconnect and dropped by expiry).
+#[tokio::test]
+async fn wake_ups_on_the_device_row() {
+    use std::collections::BTreeMap;
+
+    use courier_core::ports::{Platform, PushRegistration};
+
+    let moto = moto::shared().await;
+    let names = moto.tables("wake").await;
+    let (client, meter) = metered(moto, &names);
+    let t = DynamoTables::new(client, names.clone());
+    let raw = aws_sdk_dynamodb::Client::new(&moto.sdk_config());
+    let now: Millis = 1_800_000_000_000;
+    let old = now - 30 * DAY_MS;
+    let window = 30_000;
+    let u = UserId::try_from("aaaa0000-1111-2222-3333-444444444444").unwrap();
+    let (phone, ghost) = (DeviceId::try_from("phone").unwrap(), DeviceId::try_from("ghost").unwrap());
+    let c = |name: &str| ConnectionId::try_from(name).unwrap();
+    // As deployed: an FCM token (about 160 characters) and its SNS endpoint.
+    let registration = |token: char| PushRegistration {
+        platform: Platform::Fcm,
+        address: std::iter::repeat_n(token, 163).collect(),
+        keys: None,
+        endpoint: Some(format!(
+            "arn:aws:sns:eu-west-1:123456789012:endpoint/GCM/courier/{token}aaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+        )),
+    };
+    let (reg, other) = (registration('f'), registration('g'));
+    let take = || {
+        let usage = meter.take();
+        assert_eq!(usage.unsized_items, 0, "{usage}");
+        (usage.requests_to("DynamoDB"), usage.read_units_total(), usage.write_units_total())
+    };
+    let one_update = (BTreeMap::from([("UpdateItem".to_owned(), 1)]), 0.0, 1.0);
+
+    t.connect(&u, &phone, &c("c1"), now, 3, old).await.unwrap();
+    take();
+    assert!(t.register_push(&u, &phone, &reg).await.unwrap());
+    assert_eq!(take(), one_update, "registerPush: one UpdateItem");
+    let found = t.devices_of(std::slice::from_ref(&u), old).await.unwrap();
+    assert_eq!(found[0].push.as_ref(), Some(&reg), "devices_of reads it");
+    take();
+
+    // Connected: no wake-up, and the refusal is the condition's.
+    assert_eq!(t.begin_wake(&u, &phone, now, now - window + 1).await.unwrap(), None);
+    assert_eq!(take(), one_update, "a refused begin_wake costs its write all the same");
+    t.disconnect(&c("c1"), now).await.unwrap();
+    take();
+    assert_eq!(t.begin_wake(&u, &phone, now + 1, now + 1 - window + 1).await.unwrap(), Some(reg.clone()));
+    assert_eq!(take(), one_update, "begin_wake: one conditional UpdateItem, the registration with it");
+    // Collapsed: a second within the window begins nothing; past it, one does.
+    assert_eq!(t.begin_wake(&u, &phone, now + 2, now + 2 - window + 1).await.unwrap(), None);
+    let later = now + 1 + window;
+    assert_eq!(t.begin_wake(&u, &phone, later, later - window + 1).await.unwrap(), Some(reg.clone()));
+    t.end_wake(&u, &phone).await.unwrap();
+    assert_eq!(take().0, BTreeMap::from([("UpdateItem".to_owned(), 3)]));
+    assert_eq!(t.begin_wake(&u, &phone, later + 1, later - window + 2).await.unwrap(), Some(reg.clone()));
+
+    // A reconnect keeps the registration and clears the mark.
+    t.connect(&u, &phone, &c("c2"), later + 2, 3, old).await.unwrap();
+    let found = t.devices_of(std::slice::from_ref(&u), old).await.unwrap();
+    assert_eq!(found[0].push.as_ref(), Some(&reg));
+    t.disconnect(&c("c2"), later + 3).await.unwrap();
+    assert_eq!(t.begin_wake(&u, &phone, later + 4, later + 4 - window + 1).await.unwrap(), Some(reg.clone()));
+
+    // A registration replaced since it was read is not the one removed.
+    assert!(t.register_push(&u, &phone, &other).await.unwrap());
+    assert_eq!(t.unregister_push(&u, &phone, Some(&reg)).await.unwrap(), None);
+    assert_eq!(
+        t.begin_wake(&u, &phone, later + 5, later + 5 - window + 1).await.unwrap(),
+        Some(other.clone())
+    );
+    take();
+    assert_eq!(t.unregister_push(&u, &phone, Some(&other)).await.unwrap(), Some(other.clone()));
+    assert_eq!(take(), one_update, "unregister_push: one conditional UpdateItem");
+    assert_eq!(t.unregister_push(&u, &phone, None).await.unwrap(), None);
+    assert_eq!(t.begin_wake(&u, &phone, later + 6, later + 6).await.unwrap(), None, "nothing to wake");
+    let row = raw
+        .get_item()
+        .table_name(&names.devices_table)
+        .key("userId", AttributeValue::S(u.to_string()))
+        .key("deviceId", AttributeValue::S(phone.to_string()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    assert!(!row.contains_key("push") && !row.contains_key("wokenAt"), "both gone: {row:?}");
+
+    // A device that is not there gets no row from an update.
+    assert!(!t.register_push(&u, &ghost, &reg).await.unwrap());
+    t.end_wake(&u, &ghost).await.unwrap();
+    assert_eq!(t.begin_wake(&u, &ghost, now, now).await.unwrap(), None);
+    assert_eq!(t.unregister_push(&u, &ghost, None).await.unwrap(), None);
+    let ghost_row = raw
+        .get_item()
+        .table_name(&names.devices_table)
+        .key("userId", AttributeValue::S(u.to_string()))
+        .key("deviceId", AttributeValue::S(ghost.to_string()))
+        .send()
+        .await
+        .unwrap();
+    assert!(ghost_row.item.is_none(), "{ghost_row:?}");
+
+    // Removal and expiry hand back the registration, for its release; a
+    // device back after it expired is registered anew, without one.
+    assert!(t.register_push(&u, &phone, &reg).await.unwrap());
+    assert_eq!(t.remove_device(&u, &phone).await.unwrap().and_then(|d| d.push), Some(reg.clone()));
+    t.connect(&u, &phone, &c("c3"), now, 3, old).await.unwrap();
+    t.disconnect(&c("c3"), now).await.unwrap();
+    assert!(t.register_push(&u, &phone, &reg).await.unwrap());
+    let expired = t.expire_devices(now + 1).await.unwrap();
+    assert_eq!(expired.iter().map(|d| d.push.clone()).collect::<Vec<_>>(), vec![Some(reg.clone())]);
+    t.connect(&u, &phone, &c("c4"), now, 3, old).await.unwrap();
+    t.disconnect(&c("c4"), now).await.unwrap();
+    assert!(t.register_push(&u, &phone, &reg).await.unwrap());
+    let month = now + 31 * DAY_MS;
+    t.connect(&u, &phone, &c("c5"), month, 3, month - 30 * DAY_MS).await.unwrap();
+    let found = t.devices_of(std::slice::from_ref(&u), month - 30 * DAY_MS).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].push, None, "registered anew after expiring: no registration");
+}

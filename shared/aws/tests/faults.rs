@@ -16,7 +16,7 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 
 use courier_aws::lambda;
-use courier_aws::{DynamoTables, Names, S3Blobs, SqsJobs};
+use courier_aws::{DynamoTables, Names, NoWakeups, S3Blobs, SqsJobs};
 use courier_core::domain::{Caller, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
@@ -194,6 +194,8 @@ impl World {
             quotas: tables.clone(),
             keys: tables.clone(),
             receipts: tables,
+            // No device here registers for push.
+            wakeups: Arc::new(NoWakeups),
             blobs: Arc::new(S3Blobs::new(aws_sdk_s3::Client::new(&config), names.media_bucket.clone())),
             push: pushes.clone(),
             jobs: Arc::new(SqsJobs::new(sqs.clone(), queue.clone(), clock.clone())),

@@ -1,4 +1,4 @@
-//! `DeviceStore`: device rows capped by a per-user slots row, and the connection rows that find them.
+//! `DeviceStore`: device rows (with their push registration and wake mark) capped by a per-user slots row, and the connection rows that find them.
 
 use std::collections::HashSet;
 
@@ -12,7 +12,7 @@ use crate::sdk_error;
 use courier_core::domain::{DAY_MS, Device, InboxKey, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Connected, DeviceStore};
+use courier_core::ports::{Connected, DeviceStore, PushRegistration};
 
 /// A device row lives this long past its last sighting (the default device
 /// expiry; reads decide liveness from `lastSeen`, the TTL only cleans up).
@@ -130,7 +130,9 @@ impl DeviceStore for DynamoTables {
             let rows = page.items.unwrap_or_default().into_iter().map(from_item::<DeviceRow>);
             let deletions = rows.map(|row| async move {
                 let row = row?;
-                // Conditional, so a device that reconnected since the scan stays.
+                // Conditional, so a device that reconnected since the scan
+                // stays; the row as deleted, so a registration changed since
+                // the scan is the one released.
                 let deleted = self
                     .client
                     .delete_item()
@@ -141,13 +143,17 @@ impl DeviceStore for DynamoTables {
                     ])))
                     .condition_expression(stale)
                     .expression_attribute_values(":before", n(before))
+                    .return_values(ReturnValue::AllOld)
                     .send()
                     .await;
-                match deleted {
-                    Ok(_) => {}
+                let row = match deleted {
+                    Ok(out) => match out.attributes.filter(|a| !a.is_empty()) {
+                        Some(old) => from_item::<DeviceRow>(old)?,
+                        None => row,
+                    },
                     Err(e) if condition_failed(&e) => return Ok(None),
                     Err(e) => return Err(sdk_error(e)),
-                }
+                };
                 self.delete_device_data(&row.user_id, &row.device_id, None).await?;
                 Ok::<_, Error>(Some(Device::from(row)))
             });
@@ -155,6 +161,125 @@ impl DeviceStore for DynamoTables {
         }
         Ok(expired)
     }
+
+    async fn register_push(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        registration: &PushRegistration,
+    ) -> Result<bool> {
+        let stored = self
+            .client
+            .update_item()
+            .table_name(&self.names.devices_table)
+            .set_key(Some(key([("userId", user.as_str()), ("deviceId", device.as_str())])))
+            // The wake mark was the old registration's.
+            .update_expression("SET #push = :push REMOVE wokenAt")
+            // An update writes a row where there is none: a removed device stays removed.
+            .condition_expression("attribute_exists(deviceId)")
+            .expression_attribute_names("#push", PUSH)
+            .expression_attribute_values(":push", registration_value(registration)?)
+            .send()
+            .await;
+        match stored {
+            Ok(_) => Ok(true),
+            Err(e) if condition_failed(&e) => Ok(false),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn unregister_push(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        expected: Option<&PushRegistration>,
+    ) -> Result<Option<PushRegistration>> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.names.devices_table)
+            .set_key(Some(key([("userId", user.as_str()), ("deviceId", device.as_str())])))
+            .update_expression("REMOVE #push, wokenAt")
+            .expression_attribute_names("#push", PUSH)
+            .return_values(ReturnValue::AllOld);
+        // Equality holds between maps too: a registration replaced since the
+        // caller read it (a new token, say) is not the one removed.
+        let update = match expected {
+            Some(expected) => update
+                .condition_expression("#push = :expected")
+                .expression_attribute_values(":expected", registration_value(expected)?),
+            None => update.condition_expression("attribute_exists(#push)"),
+        };
+        match update.send().await {
+            Ok(out) => match out.attributes.filter(|a| !a.is_empty()) {
+                Some(old) => Ok(from_item::<DeviceRow>(old)?.push),
+                None => Ok(None),
+            },
+            Err(e) if condition_failed(&e) => Ok(None),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    /// One conditional write: two Wake jobs racing for a device cannot both
+    /// pass, and the registration comes back with it, so no read goes first.
+    async fn begin_wake(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        now: Millis,
+        not_before: Millis,
+    ) -> Result<Option<PushRegistration>> {
+        let begun = self
+            .client
+            .update_item()
+            .table_name(&self.names.devices_table)
+            .set_key(Some(key([("userId", user.as_str()), ("deviceId", device.as_str())])))
+            .update_expression("SET wokenAt = :now")
+            .condition_expression(
+                "attribute_exists(#push) AND attribute_not_exists(connectionId) \
+                 AND (attribute_not_exists(wokenAt) OR wokenAt < :not_before)",
+            )
+            .expression_attribute_names("#push", PUSH)
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":not_before", n(not_before))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match begun {
+            Ok(out) => match out.attributes {
+                Some(row) => Ok(from_item::<DeviceRow>(row)?.push),
+                None => Ok(None),
+            },
+            Err(e) if condition_failed(&e) => Ok(None),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    async fn end_wake(&self, user: &UserId, device: &DeviceId) -> Result<()> {
+        let ended = self
+            .client
+            .update_item()
+            .table_name(&self.names.devices_table)
+            .set_key(Some(key([("userId", user.as_str()), ("deviceId", device.as_str())])))
+            .update_expression("REMOVE wokenAt")
+            .condition_expression("attribute_exists(deviceId)")
+            .send()
+            .await;
+        match ended {
+            // Removed meanwhile: nothing to clear.
+            Err(e) if condition_failed(&e) => Ok(()),
+            other => other.map(drop).map_err(sdk_error),
+        }
+    }
+}
+
+/// The attribute holding a device's push registration; always through an
+/// expression attribute name, as DynamoDB reserves many plain words.
+const PUSH: &str = "push";
+
+/// A registration as the map the device row stores.
+fn registration_value(registration: &PushRegistration) -> Result<AttributeValue> {
+    serde_dynamo::to_attribute_value(registration).map_err(Error::internal)
 }
 
 impl DynamoTables {
@@ -365,6 +490,9 @@ impl DynamoTables {
                 connection_id: Some(connection.clone()),
                 last_seen: now,
                 expires_at: expires,
+                // New, or back after it expired: registered anew, with no registration.
+                push: None,
+                woken_at: None,
             };
             return Ok(match self.claim_slot(&row, slots).await? {
                 Some(true) => Some(Connected::Ok { new_device: true, first_device, replaced: None }),
@@ -380,7 +508,9 @@ impl DynamoTables {
             .update_item()
             .table_name(devices)
             .set_key(Some(device_key))
-            .update_expression("SET connectionId = :c, lastSeen = :now, expiresAt = :exp")
+            // A wake-up is answered once the device connects; the
+            // registration stays, for the next time it is away.
+            .update_expression("SET connectionId = :c, lastSeen = :now, expiresAt = :exp REMOVE wokenAt")
             .condition_expression("attribute_exists(deviceId)")
             .expression_attribute_values(":c", s(connection.as_str()))
             .expression_attribute_values(":now", n(now))

@@ -6,7 +6,7 @@ use super::Item;
 use courier_core::domain::{Chat, Device, InboxKey, Member, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
-use courier_core::ports::{Attachment, Markers, SignedKey, StoredMessage};
+use courier_core::ports::{Attachment, Markers, PushRegistration, SignedKey, StoredMessage};
 
 pub(super) fn to_item<T: Serialize>(row: &T) -> Result<Item> {
     serde_dynamo::to_item(row).map_err(Error::internal)
@@ -85,11 +85,23 @@ pub(super) struct DeviceRow {
     pub(super) connection_id: Option<ConnectionId>,
     pub(super) last_seen: Millis,
     pub(super) expires_at: i64,
+    /// The push registration (`registerPush`), a map: it lives and dies with the row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) push: Option<PushRegistration>,
+    /// The wake mark: when the outstanding wake-up began (see `begin_wake`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) woken_at: Option<Millis>,
 }
 
 impl From<DeviceRow> for Device {
     fn from(r: DeviceRow) -> Self {
-        Self { user: r.user_id, id: r.device_id, connection: r.connection_id, last_seen: r.last_seen }
+        Self {
+            user: r.user_id,
+            id: r.device_id,
+            connection: r.connection_id,
+            last_seen: r.last_seen,
+            push: r.push,
+        }
     }
 }
 
