@@ -198,6 +198,7 @@ pub fn request_name(method: &str, path: &str, target: Option<&str>) -> String {
         let service = match prefix {
             "DynamoDB_20120810" => "DynamoDB",
             "AmazonSQS" => "SQS",
+            "AmazonSSM" => "SSM",
             other => other,
         };
         return format!("{service}.{operation}");
@@ -847,6 +848,7 @@ mod tests {
         let name = |method, path, target| request_name(method, path, target);
         assert_eq!(name("POST", "/", Some("DynamoDB_20120810.PutItem")), "DynamoDB.PutItem");
         assert_eq!(name("POST", "/", Some("AmazonSQS.SendMessage")), "SQS.SendMessage");
+        assert_eq!(name("POST", "/", Some("AmazonSSM.GetParameter")), "SSM.GetParameter");
         let connection = "/check/@connections/Ab%3D";
         assert_eq!(name("POST", connection, None), "ApiGatewayManagementApi.PostToConnection");
         assert_eq!(name("DELETE", connection, None), "ApiGatewayManagementApi.DeleteConnection");
