@@ -18,8 +18,8 @@ use courier_aws::aws_sdk_s3;
 use courier_aws::lambda::{self, MAX_FRAME_BYTES, WsEvent, WsResponse};
 use courier_core::Courier;
 use courier_core::domain::Limits;
-use courier_core::ids::ConnectionId;
-use courier_core::ports::{Attachment, Blobs, Posted, Push};
+use courier_core::ids::{ConnectionId, DeviceId, UserId};
+use courier_core::ports::{Attachment, Blobs, Platform, Posted, Push, PushRegistration, Wakeups, Woken};
 use courier_core::protocol::ListChats;
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
@@ -39,6 +39,35 @@ impl Push for Nowhere {
     }
 }
 
+/// No push service either: every platform is off.
+struct NoWakeups;
+
+#[async_trait]
+impl Wakeups for NoWakeups {
+    fn serves(&self, _: Platform) -> bool {
+        false
+    }
+
+    async fn prepare(
+        &self,
+        registration: PushRegistration,
+        _: Option<&PushRegistration>,
+    ) -> courier_core::Result<PushRegistration> {
+        Err(courier_core::Error::BadRequest(format!(
+            "platform: {} is not enabled",
+            registration.platform.name()
+        )))
+    }
+
+    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> courier_core::Result<Woken> {
+        Err(courier_core::Error::internal("no push service is configured"))
+    }
+
+    async fn release(&self, _: &PushRegistration) -> courier_core::Result<()> {
+        Ok(())
+    }
+}
+
 /// A Courier over the embedded adapters, in its own temp dir.
 struct World {
     courier: Courier,
@@ -53,7 +82,7 @@ impl World {
         let store =
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
-        let ports = courier_embedded::ports(&store, &blobs, Arc::new(Nowhere), clock);
+        let ports = courier_embedded::ports(&store, &blobs, Arc::new(Nowhere), Arc::new(NoWakeups), clock);
         World { courier: Courier::new(ports, Limits::default()), _store: store, _dir: dir }
     }
 

@@ -25,7 +25,9 @@ use courier_core::Courier;
 use courier_core::auth::Verifier;
 use courier_core::domain::{Caller, Chat, DAY_MS, InboxKey, Limits, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
-use courier_core::ports::{Attachment, Clock, Markers, Posted, Push, StoredMessage};
+use courier_core::ports::{
+    Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage, Wakeups, Woken,
+};
 use courier_core::protocol::{OneTimeKey, SignedKey, UploadKeys};
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
@@ -95,6 +97,35 @@ impl Push for Recorder {
     }
 }
 
+/// No push service: every platform is off, so no event wakes anyone.
+struct NoWakeups;
+
+#[async_trait]
+impl Wakeups for NoWakeups {
+    fn serves(&self, _: Platform) -> bool {
+        false
+    }
+
+    async fn prepare(
+        &self,
+        registration: PushRegistration,
+        _: Option<&PushRegistration>,
+    ) -> courier_core::Result<PushRegistration> {
+        Err(courier_core::Error::BadRequest(format!(
+            "platform: {} is not enabled",
+            registration.platform.name()
+        )))
+    }
+
+    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> courier_core::Result<Woken> {
+        Err(courier_core::Error::internal("no push service is configured"))
+    }
+
+    async fn release(&self, _: &PushRegistration) -> courier_core::Result<()> {
+        Ok(())
+    }
+}
+
 impl Recorder {
     fn to(&self, connection: &str, kind: &str) -> Vec<Value> {
         let posted = self.posted.lock().unwrap();
@@ -124,7 +155,7 @@ impl World {
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
         let push = Arc::new(Recorder::default());
-        let ports = courier_embedded::ports(&store, &blobs, push.clone(), clock.clone());
+        let ports = courier_embedded::ports(&store, &blobs, push.clone(), Arc::new(NoWakeups), clock.clone());
         World { courier: Courier::new(ports, Limits::default()), store, blobs, push, clock, _dir: dir }
     }
 

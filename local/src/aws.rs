@@ -188,12 +188,23 @@ fn event_record(record: &aws_sdk_dynamodbstreams::types::Record, arn: &str) -> E
     event
 }
 
+/// Batches handed to `deliver` at once. Lambda runs a batch per concurrent
+/// invocation; one at a time here, a wake-up to a push service that hangs
+/// would hold up every job behind it for the sender's timeout.
+const CONCURRENT_BATCHES: usize = 8;
+
 /// Receives jobs as Lambda's SQS event source mapping does, hands each batch
 /// to `deliver`, and deletes what did not fail: the rest comes back after
 /// the visibility timeout, and to the dead-letter queue after five tries.
 async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
     let url = aws.names.jobs_queue_url.clone();
+    // Dropped with this task, which aborts the batches still running.
+    let mut batches = tokio::task::JoinSet::new();
     loop {
+        while batches.try_join_next().is_some() {}
+        while batches.len() >= CONCURRENT_BATCHES {
+            batches.join_next().await;
+        }
         let received = aws
             .sqs
             .receive_message()
@@ -216,12 +227,15 @@ async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
         if messages.is_empty() {
             continue;
         }
-        let response = lambda::deliver(&courier, lambda_event(&messages)).await;
-        for handle in done_receipts(&messages, &response) {
-            let deleted = aws.sqs.delete_message().queue_url(&url).receipt_handle(handle).send().await;
-            if let Err(e) = deleted {
-                tracing::warn!(error = %DisplayErrorContext(e), "deleting a done job failed");
+        let (aws, courier, url) = (aws.clone(), courier.clone(), url.clone());
+        batches.spawn(async move {
+            let response = lambda::deliver(&courier, lambda_event(&messages)).await;
+            for handle in done_receipts(&messages, &response) {
+                let deleted = aws.sqs.delete_message().queue_url(&url).receipt_handle(handle).send().await;
+                if let Err(e) = deleted {
+                    tracing::warn!(error = %DisplayErrorContext(e), "deleting a done job failed");
+                }
             }
-        }
+        });
     }
 }

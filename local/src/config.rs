@@ -62,6 +62,8 @@ pub struct Config {
     /// for this long is dropped.
     pub stall_timeout: Duration,
     pub limits: Limits,
+    /// Wake-ups for devices that are not connected (`registerPush`).
+    pub push: PushConfig,
     /// On the AWS backend, sees every request the AWS clients make (the
     /// cost tests put the test kit's meter here).
     #[cfg(feature = "aws")]
@@ -90,8 +92,45 @@ impl Default for Config {
             max_queued_bytes: 1024 * 1024,
             stall_timeout: Duration::from_secs(30),
             limits: Limits::default(),
+            push: PushConfig::default(),
             #[cfg(feature = "aws")]
             watcher: None,
+        }
+    }
+}
+
+/// How courier-local wakes devices that are not connected: Web Push
+/// directly, signed with a VAPID key kept in the data dir (made on the first
+/// start), and FCM and APNs through an HTTP push gateway when one is set.
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    /// The contact push services may write to about this server's wake-ups
+    /// (the VAPID `sub`): a `mailto:` address or an `https:` URL.
+    pub subject: String,
+    /// Where FCM and APNs wake-ups go (courier-wake's push gateway
+    /// contract); `None` turns those platforms off, so `registerPush` refuses them.
+    pub gateway_url: Option<String>,
+    /// Sent to the gateway as `Authorization: Bearer <secret>`.
+    pub gateway_secret: Option<String>,
+    /// How long one request to a push service or the gateway may take
+    /// before it is abandoned and retried.
+    pub timeout: Duration,
+}
+
+/// The VAPID contact unless one is set: a reserved domain (RFC 2606), so
+/// mail about a development server goes nowhere rather than to a stranger.
+pub const DEFAULT_PUSH_SUBJECT: &str = "mailto:courier-local@example.com";
+
+/// The file in the data dir that keeps the VAPID private key (base64url).
+pub const VAPID_KEY_FILE: &str = "vapid-private-key";
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            subject: DEFAULT_PUSH_SUBJECT.to_owned(),
+            gateway_url: None,
+            gateway_secret: None,
+            timeout: Duration::from_secs(10),
         }
     }
 }

@@ -4,8 +4,10 @@
 //! API with its authorizer, routes and limits ([`gateway`]), the
 //! `@connections` management API ([`management`]) and the presigned blob URLs
 //! ([`blobs`]), over the embedded adapters (SQLite, files, in-process queue
-//! and feed), behind its own accept loop ([`listener`]). `serve` takes a
-//! bound listener, so tests start it on port 0.
+//! and feed), behind its own accept loop ([`listener`]). It wakes devices
+//! that are not connected through Web Push and a push gateway, and serves a
+//! page that subscribes a browser ([`wake`]). `serve` takes a bound
+//! listener, so tests start it on port 0.
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -15,6 +17,7 @@ pub mod gateway;
 pub mod listener;
 pub mod management;
 pub mod sigv4;
+pub mod wake;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,11 +28,11 @@ use axum::routing::{get, put};
 use courier_core::Courier;
 use courier_core::auth::Verifier;
 use courier_core::domain::Limits;
-use courier_core::ports::{Clock, SystemClock};
+use courier_core::ports::{Clock, SystemClock, Wakeups};
 use courier_embedded::{self as embedded, FileBlobs, SqliteStore};
 use tokio::task::JoinHandle;
 
-pub use config::{Backend, Config};
+pub use config::{Backend, Config, PushConfig};
 pub use gateway::Connections;
 use gateway::Gateway;
 
@@ -51,12 +54,13 @@ fn embedded(
     config: &Config,
     public_url: &str,
     push: Arc<Connections>,
+    wakeups: Arc<dyn Wakeups>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
     let files = FileBlobs::open(&config.data_dir.join("blobs"), public_url)?;
-    let ports = embedded::ports(&store, &files, push, clock.clone());
+    let ports = embedded::ports(&store, &files, push, wakeups, clock.clone());
     // Pushes here go to in-process channels, not HTTP posts: no fan-out is
     // big enough to be worth a trip through the job queue.
     let limits = Limits { inline_push_limit: usize::MAX, ..config.limits.clone() };
@@ -83,6 +87,7 @@ async fn on_aws(
     prefix: &str,
     sdk: Option<courier_aws::aws_config::SdkConfig>,
     addr: std::net::SocketAddr,
+    wakeups: Arc<dyn Wakeups>,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Started> {
     use courier_aws::aws_config;
@@ -99,7 +104,10 @@ async fn on_aws(
         config.watcher.as_deref(),
     )
     .await?;
-    let courier = Arc::new(Courier::new(backend.ports(clock), config.limits.clone()));
+    // Wake-ups leave from this machine as on the embedded backend: the
+    // deployed shape's SNS platform applications do not exist here.
+    let ports = courier_core::Ports { wakeups, ..backend.ports(clock) };
+    let courier = Arc::new(Courier::new(ports, config.limits.clone()));
     let mut tasks = Vec::from(backend.spawn(courier.clone()));
     tasks.push(embedded::spawn_cleanup(courier.clone(), None, CLEANUP_EVERY));
     Ok(Started { courier, tasks, routes: Router::new(), store: None })
@@ -127,10 +135,14 @@ pub async fn serve_with(
     config.check_exposure(addr)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let wake = wake::senders(&config, addr)?;
+    let wakeups: Arc<dyn Wakeups> = wake.wakers;
     let started = match &config.backend {
-        Backend::Embedded => embedded(&config, &public_url, connections.clone(), clock)?,
+        Backend::Embedded => embedded(&config, &public_url, connections.clone(), wakeups, clock)?,
         #[cfg(feature = "aws")]
-        Backend::Aws { prefix, sdk } => on_aws(&config, prefix, sdk.as_deref().cloned(), addr, clock).await?,
+        Backend::Aws { prefix, sdk } => {
+            on_aws(&config, prefix, sdk.as_deref().cloned(), addr, wakeups, clock).await?
+        }
     };
     let verifier = Verifier::hs256(config.jwt_secret.as_bytes())?;
     let gateway =
@@ -152,6 +164,7 @@ pub async fn serve_with(
                     management::require_signature,
                 )),
         )
+        .merge(wake::routes(wake.public_key))
         .merge(started.routes);
 
     tracing::info!(%addr, backend = ?config.backend, data_dir = %config.data_dir.display(), "courier-local listening");

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use courier_core::ratelimit::RateLimit;
 use courier_embedded::Durability;
-use courier_local::{Backend, Config};
+use courier_local::{Backend, Config, PushConfig};
 
 // Every frame allocates (event, JSON, strings) on one worker and frees on
 // another; glibc's malloc spent a third of the workers' time doing that.
@@ -64,6 +64,15 @@ struct Cli {
     /// Sockets not yet upgraded (or on the HTTP routes) at most; past it a new one is closed.
     #[arg(long, env = "COURIER_MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
     max_pending_connections: usize,
+    /// Contact for push services about this server's wake-ups (VAPID `sub`): mailto: or https:.
+    #[arg(long, env = "COURIER_PUSH_SUBJECT", default_value = courier_local::config::DEFAULT_PUSH_SUBJECT)]
+    push_subject: String,
+    /// Push gateway that FCM and APNs wake-ups go to (off when unset: registerPush refuses them).
+    #[arg(long, env = "COURIER_PUSH_GATEWAY_URL")]
+    push_gateway_url: Option<String>,
+    /// Sent to the push gateway as a bearer token.
+    #[arg(long, env = "COURIER_PUSH_GATEWAY_SECRET", hide_env_values = true)]
+    push_gateway_secret: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +144,12 @@ async fn main() -> anyhow::Result<()> {
         rate_limit: RateLimit { capacity: cli.rate_burst, per_second: cli.rate_per_second },
         max_connections: cli.max_connections,
         max_pending_connections: cli.max_pending_connections,
+        push: PushConfig {
+            subject: cli.push_subject,
+            gateway_url: cli.push_gateway_url,
+            gateway_secret: cli.push_gateway_secret,
+            ..PushConfig::default()
+        },
         ..Config::default()
     };
     courier_local::listener::raise_fd_limit(&config);

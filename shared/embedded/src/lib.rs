@@ -13,7 +13,7 @@ pub use sqlite::{Durability, SqliteStore};
 
 use std::sync::Arc;
 
-use courier_core::ports::{Clock, Push};
+use courier_core::ports::{Clock, Push, Wakeups};
 use courier_core::{Error, Ports};
 
 /// A SQLite error as the domain sees it: a busy or locked database is worth
@@ -28,8 +28,16 @@ pub(crate) fn db_error(e: rusqlite::Error) -> Error {
 }
 
 /// Every port on one machine: `store` for the tables and the job queue,
-/// `blobs` for media, and `push` to reach live connections.
-pub fn ports(store: &SqliteStore, blobs: &FileBlobs, push: Arc<dyn Push>, clock: Arc<dyn Clock>) -> Ports {
+/// `blobs` for media, `push` to reach live connections and `wakeups` to
+/// wake devices that are not connected (the push services this machine may
+/// reach: courier-wake's `Wakers`).
+pub fn ports(
+    store: &SqliteStore,
+    blobs: &FileBlobs,
+    push: Arc<dyn Push>,
+    wakeups: Arc<dyn Wakeups>,
+    clock: Arc<dyn Clock>,
+) -> Ports {
     Ports {
         chats: Arc::new(store.clone()),
         devices: Arc::new(store.clone()),
@@ -38,6 +46,7 @@ pub fn ports(store: &SqliteStore, blobs: &FileBlobs, push: Arc<dyn Push>, clock:
         quotas: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),
         receipts: Arc::new(store.clone()),
+        wakeups,
         blobs: Arc::new(blobs.clone()),
         push,
         jobs: Arc::new(store.clone()),

@@ -1,5 +1,6 @@
-//! Service unit tests over the embedded adapters, with a fake clock and a
-//! push port that records what it was asked to send.
+//! Service unit tests over the embedded adapters, with a fake clock, a push
+//! port that records what it was asked to send and a wake-up port that
+//! records whom it was asked to wake.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -10,9 +11,13 @@ use courier_core::Courier;
 use courier_core::domain::{Caller, DAY_MS, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{AttachmentStore, Clock, DeviceStore, KeyStore, MessageStore, Posted, Push};
+use courier_core::ports::{
+    AttachmentStore, Clock, DeviceStore, KeyStore, MessageStore, Platform, Posted, Push, PushRegistration,
+    Wakeups, WebPushKeys, Woken,
+};
 use courier_core::protocol::{
-    Ack, CreateAttachment, CreateChat, GetReceipts, OneTimeKey, SendMessage, SignedKey, Sync, UploadKeys,
+    Ack, CreateAttachment, CreateChat, GetReceipts, OneTimeKey, RegisterPush, SendMessage, SignedKey,
+    Subscription, Sync, UnregisterPush, UploadKeys,
 };
 use courier_embedded::{Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
@@ -53,10 +58,67 @@ impl Push for Recorder {
     }
 }
 
+/// What the push service answers the next wake-ups.
+#[derive(Clone, Copy, Debug, Default)]
+enum Answer {
+    #[default]
+    Sent,
+    Gone,
+    Unavailable,
+}
+
+/// Records wake-ups and released registrations (by address); serves every platform.
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<Vec<(String, String)>>,
+    released: Mutex<Vec<String>>,
+    answer: Mutex<Answer>,
+}
+
+impl Waker {
+    /// The addresses woken so far for `user`'s `device`.
+    fn woken(&self, of: &Caller) -> Vec<String> {
+        let key = format!("{}#{}", of.user, of.device);
+        self.woken.lock().unwrap().iter().filter(|(d, _)| *d == key).map(|(_, a)| a.clone()).collect()
+    }
+
+    fn answer(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+}
+
+#[async_trait]
+impl Wakeups for Waker {
+    fn serves(&self, _: Platform) -> bool {
+        true
+    }
+    async fn prepare(
+        &self,
+        registration: PushRegistration,
+        _: Option<&PushRegistration>,
+    ) -> Result<PushRegistration> {
+        Ok(registration)
+    }
+    async fn wake(&self, user: &UserId, device: &DeviceId, registration: &PushRegistration) -> Result<Woken> {
+        let answer = *self.answer.lock().unwrap();
+        self.woken.lock().unwrap().push((format!("{user}#{device}"), registration.address.clone()));
+        match answer {
+            Answer::Sent => Ok(Woken::Sent),
+            Answer::Gone => Ok(Woken::Gone),
+            Answer::Unavailable => Err(Error::unavailable("the push service answered 503")),
+        }
+    }
+    async fn release(&self, registration: &PushRegistration) -> Result<()> {
+        self.released.lock().unwrap().push(registration.address.clone());
+        Ok(())
+    }
+}
+
 struct World {
     courier: Courier,
     store: SqliteStore,
     push: Arc<Recorder>,
+    wake: Arc<Waker>,
     clock: Arc<FakeClock>,
     _dir: tempfile::TempDir,
 }
@@ -67,8 +129,9 @@ fn world(limits: Limits) -> World {
     let store = SqliteStore::open(&dir.path().join("t.db"), Durability::Process, clock.clone()).unwrap();
     let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
     let push = Arc::new(Recorder::default());
-    let ports = courier_embedded::ports(&store, &blobs, push.clone(), clock.clone());
-    World { courier: Courier::new(ports, limits), store, push, clock, _dir: dir }
+    let wake = Arc::new(Waker::default());
+    let ports = courier_embedded::ports(&store, &blobs, push.clone(), wake.clone(), clock.clone());
+    World { courier: Courier::new(ports, limits), store, push, wake, clock, _dir: dir }
 }
 
 impl World {
@@ -146,6 +209,35 @@ impl World {
             .map(|(table, sql)| (table, db.query_row(sql, [user], |r| r.get(0)).unwrap()))
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// Registers the device for Web Push at `address`.
+    async fn register_push(&self, of: &Caller, address: &str) {
+        let keys = WebPushKeys { p256dh: "p256dh".into(), auth: "auth".into() };
+        let subscription = Subscription { endpoint: address.into(), keys };
+        let cmd = RegisterPush { platform: Platform::WebPush, token: None, subscription: Some(subscription) };
+        self.courier.register_push(of, cmd).await.unwrap();
+    }
+
+    /// Runs the jobs due now, as the job runner would, once each; returns
+    /// the outcomes of those that failed.
+    async fn run_jobs(&self) -> Vec<Error> {
+        let mut failed = Vec::new();
+        for (id, _, job) in self.store.due_jobs(100).await.unwrap() {
+            match self.courier.run_job(&job).await {
+                Ok(()) => self.store.complete_job(id).await.unwrap(),
+                Err(e) => {
+                    self.store.retry_job(id, self.clock.now()).await.unwrap();
+                    failed.push(e);
+                }
+            }
+        }
+        failed
+    }
+
+    async fn registration(&self, of: &Caller) -> Option<PushRegistration> {
+        let devices = self.store.devices_of(std::slice::from_ref(&of.user), 0).await.unwrap();
+        devices.into_iter().find(|d| d.id == of.device).and_then(|d| d.push)
     }
 
     async fn inbox(&self, of: &Caller) -> Vec<String> {
@@ -373,4 +465,114 @@ async fn the_clean_up_takes_the_keys_of_the_devices_it_expires() {
     assert_eq!(devices, 1);
     assert_eq!(w.rows_of("alice"), vec![], "the device and its keys are gone");
     assert_eq!(w.store.one_time_key_count(&alice.user, &alice.device).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_device_without_a_connection_is_woken_once_until_it_connects_or_the_window_passes() {
+    let w = world(Limits::default());
+    let window = Limits::default().wake_collapse_ms;
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    w.register_push(&bob, "https://push.example/bob").await;
+
+    w.send(&alice, &chat, "while connected").await;
+    assert!(w.run_jobs().await.is_empty());
+    assert!(w.wake.woken(&bob).is_empty(), "a connected device gets its push, not a wake-up");
+
+    w.courier.disconnect(&bob.connection).await.unwrap();
+    w.send(&alice, &chat, "one").await;
+    w.send(&alice, &chat, "two").await;
+    assert!(w.run_jobs().await.is_empty());
+    assert_eq!(w.wake.woken(&bob), vec!["https://push.example/bob"], "two messages, one wake-up");
+    assert!(w.wake.woken(&alice).is_empty(), "the sender is not woken");
+
+    w.clock.advance(window - 1);
+    w.send(&alice, &chat, "still unanswered").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 1, "collapsed within the window");
+    w.clock.advance(1);
+    w.send(&alice, &chat, "the window has passed").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 2, "a new wake-up once the window has passed");
+
+    // A connection answers it: the next message after it leaves wakes at once.
+    w.device("bob", "p").await;
+    w.courier.disconnect(&bob.connection).await.unwrap();
+    w.send(&alice, &chat, "after a visit").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 3);
+
+    w.courier.unregister_push(&bob, UnregisterPush {}).await.unwrap();
+    assert_eq!(*w.wake.released.lock().unwrap(), vec!["https://push.example/bob"]);
+    w.device("bob", "p").await;
+    w.courier.disconnect(&bob.connection).await.unwrap();
+    w.send(&alice, &chat, "unregistered").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 3, "no registration, no wake-up");
+}
+
+#[tokio::test]
+async fn a_gone_registration_is_forgotten_and_a_temporary_failure_is_retried_once_answered() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let bob = w.device("bob", "p").await;
+    let chat = w.chat(&alice, &["bob"]).await;
+    w.register_push(&bob, "https://push.example/old").await;
+    w.courier.disconnect(&bob.connection).await.unwrap();
+
+    w.wake.answer(Answer::Gone);
+    w.send(&alice, &chat, "one").await;
+    assert!(w.run_jobs().await.is_empty(), "a gone registration is no failure");
+    assert_eq!(w.registration(&bob).await, None, "forgotten");
+    assert_eq!(*w.wake.released.lock().unwrap(), vec!["https://push.example/old"]);
+    w.device("bob", "p").await;
+    w.courier.disconnect(&bob.connection).await.unwrap();
+    w.send(&alice, &chat, "two").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 1, "nothing is sent to it again");
+
+    w.device("bob", "p").await;
+    w.register_push(&bob, "https://push.example/new").await;
+    w.courier.disconnect(&bob.connection).await.unwrap();
+    w.wake.answer(Answer::Unavailable);
+    w.send(&alice, &chat, "three").await;
+    let failed = w.run_jobs().await;
+    assert!(failed.len() == 1 && failed[0].is_retryable(), "{failed:?}");
+    assert!(w.run_jobs().await[0].is_retryable(), "still failing, still retried");
+    w.wake.answer(Answer::Sent);
+    assert!(w.run_jobs().await.is_empty(), "the retry goes through");
+    assert_eq!(w.wake.woken(&bob)[1..], ["https://push.example/new"; 3], "tried until it answered");
+    assert!(w.store.due_jobs(10).await.unwrap().is_empty(), "and then no more");
+    w.send(&alice, &chat, "four").await;
+    w.run_jobs().await;
+    assert_eq!(w.wake.woken(&bob).len(), 4, "the answered wake-up collapses the next");
+    assert_eq!(w.registration(&bob).await.map(|r| r.address), Some("https://push.example/new".into()));
+}
+
+#[tokio::test]
+async fn removing_expiring_or_deleting_a_device_releases_its_registration() {
+    let w = world(Limits::default());
+    let alice = w.device("alice", "p").await;
+    let alice2 = w.device("alice", "tablet").await;
+    let bob = w.device("bob", "p").await;
+    let carol = w.device("carol", "p").await;
+    w.register_push(&alice2, "https://push.example/alice-tablet").await;
+    w.register_push(&bob, "https://push.example/bob").await;
+    w.register_push(&carol, "https://push.example/carol").await;
+
+    w.courier.remove_device(&alice, &alice2.device).await.unwrap();
+    w.courier.delete_account(&bob).await.unwrap();
+    w.courier.disconnect(&carol.connection).await.unwrap();
+    w.clock.advance(30 * DAY_MS + 1);
+    w.courier.cleanup().await.unwrap();
+    let mut released = w.wake.released.lock().unwrap().clone();
+    released.sort();
+    assert_eq!(
+        released,
+        ["https://push.example/alice-tablet", "https://push.example/bob", "https://push.example/carol"]
+    );
+    // A device added again under the same id starts without one.
+    let again = w.device("alice", "tablet").await;
+    assert_eq!(w.registration(&again).await, None);
 }

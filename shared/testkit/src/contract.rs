@@ -10,8 +10,8 @@ use courier_core::domain::{Chat, InboxKey, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, IdGen, MessageId, UserId};
 use courier_core::ports::{
     Attachment, AttachmentStore, ChatStore, ClaimCount, Connected, DedupeKey, DeviceStore, KeyStore,
-    KeyUpload, Markers, MessageStore, OneTimeKey, Quota, QuotaStore, ReceiptStore, SignedKey, Store,
-    StoredMessage, Uploaded,
+    KeyUpload, Markers, MessageStore, OneTimeKey, Platform, PushRegistration, Quota, QuotaStore,
+    ReceiptStore, SignedKey, Store, StoredMessage, Uploaded, WebPushKeys,
 };
 
 /// The table ports of one adapter family.
@@ -79,6 +79,7 @@ pub async fn all(t: &Tables) {
     dropped_pending(t).await;
     expired_devices(t).await;
     attachments_of_uploader(t).await;
+    push(t).await;
 }
 
 /// A quota counts per user, per quota and per day, and refuses (changing
@@ -893,4 +894,146 @@ pub async fn attachments_of_uploader(t: &Tables) {
     assert_eq!(t.attachments.attachment(&theirs.id).await.unwrap(), Some(theirs.clone()));
     assert_eq!(t.attachments.chats_of_attachment(&theirs.id).await.unwrap(), vec![chat]);
     assert!(t.attachments.remove_attachments_of(&u).await.unwrap().is_empty(), "a second call finds none");
+}
+
+/// Push registrations and the wake mark: one registration per device, a new
+/// one replacing it; removal only of the registration expected; a wake-up
+/// begun at most once within the collapse window, never for a connected
+/// device or one without a registration, again at once after `end_wake` or
+/// a connection; and the registration gone with its device.
+pub async fn push(t: &Tables) {
+    /// The collapse window this check uses, as the core passes it in.
+    const WINDOW: Millis = 30_000;
+    let n = Names::new();
+    let u = n.user("u");
+    let (phone, laptop, tablet) = (n.device("phone"), n.device("laptop"), n.device("tablet"));
+    let cutoff = NOW - 30 * DAY;
+    let web = PushRegistration {
+        platform: Platform::WebPush,
+        address: format!("https://push.example/send/{}", n.run),
+        keys: Some(WebPushKeys { p256dh: format!("BP256-{}", n.run), auth: "auth-secret".into() }),
+        endpoint: None,
+    };
+    // As the deployed adapter prepares it: the token and the SNS endpoint made for it.
+    let fcm = PushRegistration {
+        platform: Platform::Fcm,
+        address: format!("fcm-token-{}", n.run),
+        keys: None,
+        endpoint: Some(format!("arn:aws:sns:us-east-1:000000000000:endpoint/GCM/courier/{}", n.run)),
+    };
+    let registration_of = |device: &DeviceId| {
+        let (u, device) = (u.clone(), device.clone());
+        async move {
+            let devices = t.devices.devices_of(std::slice::from_ref(&u), cutoff).await.unwrap();
+            devices.into_iter().find(|d| d.id == device).expect("the device is listed").push
+        }
+    };
+    let wake = |device: &DeviceId, at: Millis| {
+        let (u, device) = (u.clone(), device.clone());
+        async move { t.devices.begin_wake(&u, &device, at, at - WINDOW + 1).await.unwrap() }
+    };
+
+    assert!(!t.devices.register_push(&u, &phone, &web).await.unwrap(), "no such device yet");
+    let (c1, c2) = (n.connection(), n.connection());
+    t.devices.connect(&u, &phone, &c1, NOW, 3, cutoff).await.unwrap();
+    t.devices.connect(&u, &laptop, &c2, NOW, 3, cutoff).await.unwrap();
+    t.devices.connect(&u, &tablet, &n.connection(), NOW, 3, cutoff).await.unwrap();
+    assert_eq!(registration_of(&phone).await, None, "a new device has no registration");
+
+    // One registration per device; a new one replaces it.
+    assert!(t.devices.register_push(&u, &phone, &web).await.unwrap());
+    assert_eq!(registration_of(&phone).await, Some(web.clone()));
+    assert!(t.devices.register_push(&u, &phone, &fcm).await.unwrap());
+    assert_eq!(registration_of(&phone).await, Some(fcm.clone()), "replaced, every field kept");
+    assert_eq!(registration_of(&laptop).await, None, "the other devices have none");
+
+    // Removed only if it is the one expected (a stale Gone must not remove a newer one).
+    assert_eq!(t.devices.unregister_push(&u, &phone, Some(&web)).await.unwrap(), None);
+    assert_eq!(registration_of(&phone).await, Some(fcm.clone()), "a registration not expected stays");
+    assert_eq!(t.devices.unregister_push(&u, &phone, Some(&fcm)).await.unwrap(), Some(fcm.clone()));
+    assert_eq!(registration_of(&phone).await, None);
+    assert_eq!(t.devices.unregister_push(&u, &phone, None).await.unwrap(), None, "nothing to remove");
+    assert!(t.devices.register_push(&u, &phone, &web).await.unwrap());
+    assert_eq!(
+        t.devices.unregister_push(&u, &phone, None).await.unwrap(),
+        Some(web.clone()),
+        "any, when none is expected"
+    );
+    assert_eq!(t.devices.unregister_push(&u, &n.device("nowhere"), None).await.unwrap(), None);
+
+    // Wake-ups: only a device with a registration and no connection.
+    assert!(t.devices.register_push(&u, &phone, &web).await.unwrap());
+    assert!(t.devices.register_push(&u, &laptop, &fcm).await.unwrap());
+    assert_eq!(wake(&phone, NOW).await, None, "phone is connected");
+    assert_eq!(wake(&laptop, NOW).await, None, "laptop is connected");
+    t.devices.disconnect(&c1, NOW + 1).await.unwrap();
+    assert_eq!(registration_of(&phone).await, Some(web.clone()), "disconnecting keeps the registration");
+    assert_eq!(wake(&tablet, NOW + 2).await, None, "tablet has no registration");
+    assert_eq!(wake(&n.device("nowhere"), NOW + 2).await, None, "no such device");
+
+    // At most one within the window, while it is unanswered.
+    let t0 = NOW + 10;
+    assert_eq!(wake(&phone, t0).await, Some(web.clone()));
+    assert_eq!(wake(&phone, t0).await, None, "collapsed: at the same instant");
+    assert_eq!(wake(&phone, t0 + WINDOW - 1).await, None, "collapsed: at the window's last instant");
+    assert_eq!(wake(&phone, t0 + WINDOW).await, Some(web.clone()), "the window has passed");
+    let t1 = t0 + WINDOW;
+    // end_wake lets a wake-up go again at once (a retry after a temporary failure).
+    t.devices.end_wake(&u, &phone).await.unwrap();
+    assert_eq!(wake(&phone, t1 + 1).await, Some(web.clone()), "after end_wake");
+    assert_eq!(wake(&phone, t1 + 2).await, None, "and it collapses again");
+
+    // A connection answers the wake-up: the next one may go as soon as it leaves.
+    let c3 = n.connection();
+    t.devices.connect(&u, &phone, &c3, t1 + 3, 3, cutoff).await.unwrap();
+    assert_eq!(wake(&phone, t1 + 4).await, None, "connected");
+    t.devices.disconnect(&c3, t1 + 5).await.unwrap();
+    assert_eq!(wake(&phone, t1 + 6).await, Some(web.clone()), "the mark went with the connection");
+
+    // A new registration does not inherit the old one's mark.
+    assert!(t.devices.register_push(&u, &phone, &fcm).await.unwrap());
+    assert_eq!(wake(&phone, t1 + 7).await, Some(fcm.clone()));
+    // Nor does unregistering and registering again.
+    assert_eq!(t.devices.unregister_push(&u, &phone, Some(&fcm)).await.unwrap(), Some(fcm.clone()));
+    assert_eq!(wake(&phone, t1 + 8).await, None, "no registration, no wake-up");
+    assert!(t.devices.register_push(&u, &phone, &web).await.unwrap());
+    assert_eq!(wake(&phone, t1 + 9).await, Some(web.clone()));
+
+    // The registration goes with its device: removed...
+    let removed = t.devices.remove_device(&u, &phone).await.unwrap().expect("phone existed");
+    assert_eq!(removed.push, Some(web.clone()), "returned, so the core can release it");
+    assert!(!t.devices.register_push(&u, &phone, &web).await.unwrap(), "removed");
+    assert_eq!(wake(&phone, t1 + WINDOW * 2).await, None);
+    t.devices.connect(&u, &phone, &n.connection(), t1 + 10, 3, cutoff).await.unwrap();
+    assert_eq!(registration_of(&phone).await, None, "a device added anew has none");
+    t.devices.remove_device(&u, &phone).await.unwrap();
+
+    // ...expired and back as a new device...
+    let long_ago = NOW - 450 * DAY;
+    let (v, old) = (n.user("v"), n.device("old"));
+    let stale = n.connection();
+    t.devices.connect(&v, &old, &stale, long_ago, 3, long_ago - DAY).await.unwrap();
+    t.devices.disconnect(&stale, long_ago).await.unwrap();
+    assert!(t.devices.register_push(&v, &old, &fcm).await.unwrap());
+    let back = t.devices.connect(&v, &old, &n.connection(), NOW, 3, cutoff).await.unwrap();
+    assert!(matches!(back, Connected::Ok { new_device: true, .. }), "{back:?}");
+    let again = t.devices.devices_of(std::slice::from_ref(&v), cutoff).await.unwrap();
+    assert_eq!(
+        again.iter().map(|d| d.push.clone()).collect::<Vec<_>>(),
+        vec![None],
+        "expired, so registered anew"
+    );
+    t.devices.remove_device(&v, &old).await.unwrap();
+
+    // ...or expired by the clean-up, which returns it with its registration.
+    let (w, gone, left) = (n.user("w"), n.device("gone"), n.connection());
+    t.devices.connect(&w, &gone, &left, long_ago, 3, long_ago - DAY).await.unwrap();
+    t.devices.disconnect(&left, long_ago).await.unwrap();
+    assert!(t.devices.register_push(&w, &gone, &web).await.unwrap());
+    let expired = t.devices.expire_devices(long_ago + 1).await.unwrap();
+    let ours: Vec<_> = expired.iter().filter(|d| d.user == w).collect();
+    assert_eq!(ours.len(), 1, "{expired:?}");
+    assert_eq!(ours[0].push, Some(web.clone()));
+    assert_eq!(t.devices.begin_wake(&w, &gone, NOW, NOW - WINDOW + 1).await.unwrap(), None, "gone with it");
+    assert!(!t.devices.register_push(&w, &gone, &web).await.unwrap());
 }

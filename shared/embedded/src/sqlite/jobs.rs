@@ -56,6 +56,15 @@ impl SqliteStore {
         Ok(jobs)
     }
 
+    /// When the next job not yet due comes due (a retry waiting out its backoff).
+    pub async fn next_job_at(&self, now: Millis) -> Result<Option<Millis>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT min(run_at) FROM jobs WHERE dead = 0 AND run_at > ?1")?
+                .query_row([now], |r| r.get(0))
+        })
+        .await
+    }
+
     pub async fn complete_job(&self, id: i64) -> Result<()> {
         self.write(move |c| c.execute("DELETE FROM jobs WHERE job_id = ?1", [id]).map(drop)).await
     }

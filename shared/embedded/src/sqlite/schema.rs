@@ -128,9 +128,20 @@ CREATE TABLE IF NOT EXISTS device_message_dedupe (
 CREATE INDEX IF NOT EXISTS device_message_dedupe_expiry ON device_message_dedupe (expires_at);
 "#;
 
-/// `PRAGMA user_version` of the layout above. Layout 3 only adds tables and
-/// indexes to layout 2, so SCHEMA alone moves a layout 2 database on.
-const LAYOUT: i64 = 3;
+/// `PRAGMA user_version` of the layout. Layout 3 only adds tables and
+/// indexes to layout 2, so SCHEMA alone moves a layout 2 database on; layout
+/// 4 adds [`LAYOUT_4`]'s columns.
+const LAYOUT: i64 = 4;
+
+/// Layout 4 (push notifications): each device's push registration (JSON, a
+/// `PushRegistration`) and its wake mark (when the outstanding wake-up was
+/// begun; NULL when none is). Added to the layout 3 table SCHEMA makes or
+/// finds, since `CREATE TABLE IF NOT EXISTS` leaves an existing table as it
+/// is; NULL in both is what every device had before.
+const LAYOUT_4: &str = r#"
+ALTER TABLE devices ADD COLUMN push TEXT;
+ALTER TABLE devices ADD COLUMN woken_at INTEGER;
+"#;
 
 /// From layout 1 (0 in `user_version`: messages keyed by chat, inbox rows
 /// keyed by inbox): moves the two tables' rows into layout 2. Runs before
@@ -169,6 +180,9 @@ pub(super) fn create_schema(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.execute_batch(SCHEMA)?;
     if layout_1 {
         tx.execute_batch(FROM_LAYOUT_1_ROWS)?;
+    }
+    if version < 4 {
+        tx.execute_batch(LAYOUT_4)?;
     }
     tx.pragma_update(None, "user_version", LAYOUT)?;
     tx.commit()
@@ -246,8 +260,9 @@ mod tests {
             ("01JDX0000000000000000000M1", "bob#phone", "01JDX0000000000000000000C1");
         let body = r#"{"messageId":"01JDX0000000000000000000M1","message":"kept"}"#;
         {
-            // Layout 3 only adds tables and indexes, so layout 2 is today's
-            // schema without them; its rows are written as layout 2 wrote them.
+            // Layouts 3 and 4 only add tables, indexes and columns, so layout
+            // 2 is today's schema without them; its rows are written as
+            // layout 2 wrote them.
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             store.close();
             let old = Connection::open(&path).unwrap();
@@ -255,6 +270,7 @@ mod tests {
                 "DROP INDEX attachments_uploader;
                  DROP TABLE device_keys; DROP TABLE one_time_keys;
                  DROP TABLE key_claims; DROP TABLE receipts; DROP TABLE device_message_dedupe;
+                 ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
                  PRAGMA user_version = 2;",
             )
             .unwrap();
@@ -287,11 +303,11 @@ mod tests {
         let (alice, bob): (UserId, UserId) = (id("alice".into()).unwrap(), id("bob".into()).unwrap());
         let phone: DeviceId = id("phone".into()).unwrap();
         for round in 0..2 {
-            // Opened twice: the second open finds layout 3 and leaves it be.
+            // Opened twice: the second open finds the new layout and leaves it be.
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             let version: i64 =
                 store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, 3);
+            assert_eq!(version, 4);
             let key = InboxKey::parse(inbox).unwrap();
             let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
             assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
@@ -333,6 +349,107 @@ mod tests {
                 "round {round}"
             );
             assert_eq!(store.receipts(&chat_id).await.unwrap().len(), 1, "round {round}");
+            store.close();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_third_layout_keeps_everything_and_gains_push_registrations() {
+        use courier_core::ids::{DeviceId, UserId};
+        use courier_core::ports::{
+            ChatStore, DeviceStore, KeyStore, Platform, PushRegistration, ReceiptStore, WebPushKeys,
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layout3.db");
+        let (message, inbox, chat) =
+            ("01JDX0000000000000000000M1", "bob#phone", "01JDX0000000000000000000C1");
+        let body = r#"{"messageId":"01JDX0000000000000000000M1","message":"kept"}"#;
+        {
+            // Layout 4 only adds the two device columns, so layout 3 is
+            // today's schema without them; its rows of every table that
+            // version 2 of the protocol brought are written as layout 3 wrote them.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            store.close();
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO chats VALUES (?1, ?2, 0)",
+                params![
+                    chat,
+                    r#"{"name":"old","members":[{"user":"alice","joined_at":1},{"user":"bob","joined_at":1}],"admins":["alice"],"created_at":1,"encrypted":true}"#
+                ],
+            )
+            .unwrap();
+            old.execute("INSERT INTO participants VALUES ('alice', ?1), ('bob', ?1)", [chat]).unwrap();
+            old.execute("INSERT INTO devices VALUES ('bob', 'phone', NULL, ?1)", [i64::MAX - 1]).unwrap();
+            old.execute("INSERT INTO devices VALUES ('bob', 'laptop', 'conn-1', ?1)", [i64::MAX - 1])
+                .unwrap();
+            old.execute(
+                "INSERT INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![inbox, message, body, i64::MAX],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO device_keys VALUES ('bob', 'phone', 'identity', ?1, NULL)",
+                [r#"{"keyId":"s1","publicKey":"spk","signature":"sig"}"#],
+            )
+            .unwrap();
+            old.execute("INSERT INTO one_time_keys VALUES ('bob', 'phone', 'k1', 'otk')", []).unwrap();
+            old.execute("INSERT INTO receipts VALUES (?1, 'alice', NULL, ?2, ?2)", [chat, message]).unwrap();
+        }
+        let bob: UserId = id("bob".into()).unwrap();
+        let (phone, laptop): (DeviceId, DeviceId) =
+            (id("phone".into()).unwrap(), id("laptop".into()).unwrap());
+        let registration = PushRegistration {
+            platform: Platform::WebPush,
+            address: "https://push.example/sub".into(),
+            keys: Some(WebPushKeys { p256dh: "key".into(), auth: "auth".into() }),
+            endpoint: None,
+        };
+        for round in 0..2 {
+            // Opened twice: the second open finds layout 4 and leaves it be.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            let version: i64 =
+                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(version, 4);
+            let key = InboxKey::parse(inbox).unwrap();
+            let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
+            assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
+            let chat_id: ChatId = id(chat.into()).unwrap();
+            assert!(store.chat(&chat_id).await.unwrap().expect("the chat is kept").encrypted);
+            assert_eq!(store.device_keys(std::slice::from_ref(&bob)).await.unwrap().len(), 1);
+            assert_eq!(store.one_time_key_count(&bob, &phone).await.unwrap(), 1);
+            assert_eq!(store.receipts(&chat_id).await.unwrap().len(), 1);
+            let mut devices = store.devices_of(std::slice::from_ref(&bob), 0).await.unwrap();
+            devices.sort_by(|a, b| a.id.cmp(&b.id));
+            let laptop_row = &devices[0];
+            assert_eq!(
+                laptop_row.connection.as_ref().map(|c| c.as_str()),
+                Some("conn-1"),
+                "connections are kept"
+            );
+
+            // The new columns work on the moved database.
+            if round == 0 {
+                assert_eq!(devices.iter().map(|d| d.push.clone()).collect::<Vec<_>>(), vec![None, None]);
+                assert!(store.register_push(&bob, &phone, &registration).await.unwrap());
+                let woken = store.begin_wake(&bob, &phone, 1_000, 0).await.unwrap();
+                assert_eq!(woken.as_ref(), Some(&registration));
+                assert_eq!(store.begin_wake(&bob, &laptop, 1_000, 0).await.unwrap(), None, "no registration");
+            } else {
+                let phone_row = devices.iter().find(|d| d.id == phone).unwrap();
+                assert_eq!(phone_row.push.as_ref(), Some(&registration), "kept across a reopen");
+                assert_eq!(
+                    store.begin_wake(&bob, &phone, 2_000, 0).await.unwrap(),
+                    None,
+                    "and so is the mark"
+                );
+            }
             store.close();
         }
     }
