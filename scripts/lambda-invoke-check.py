@@ -6,7 +6,8 @@
                `cargo lambda invoke`, seeding what the fixed ids in the events
                name, and check each answer; every AWS call a function made
                (as courier-recorder logged it) must be one that template.yaml
-               grants that function
+               grants that function (a grant under a condition counts as the
+               parameters' defaults decide it)
 
 template.yaml comes as the JSON the test kit's `courier-template` prints (the
 template tests' reader); the calls as the test kit's `courier-recorder` logs
@@ -40,6 +41,52 @@ ATTACHMENT_BODY = b"courier attachment\n"
 def template(path):
     with open(path) as f:
         return json.load(f)
+
+
+def parameters(t):
+    """The stack's parameters as the check deploys it: the defaults, stage `check`.
+    Every push platform is off then (their parameters default to empty)."""
+    params = {k: str(v.get("Default", "")) for k, v in t["Parameters"].items()}
+    params["StageName"] = "check"
+    return params
+
+
+def holds(t, params, condition):
+    """Whether the template's condition `condition` holds with these parameters."""
+
+    def value(v):
+        if not isinstance(v, dict):
+            return v
+        if "Ref" in v:
+            return params[v["Ref"]]
+        if "Condition" in v:
+            return holds(t, params, v["Condition"])
+        if "Fn::Equals" in v:
+            a, b = v["Fn::Equals"]
+            return str(value(a)) == str(value(b))
+        if "Fn::Not" in v:
+            return not value(v["Fn::Not"][0])
+        if "Fn::Or" in v:
+            return any(value(c) for c in v["Fn::Or"])
+        if "Fn::And" in v:
+            return all(value(c) for c in v["Fn::And"])
+        sys.exit(f"lambda-invoke-check: cannot evaluate {v} in condition {condition}")
+
+    return value(t["Conditions"][condition])
+
+
+def resolved(t, params, value):
+    """`value` with each Fn::If taken as its condition decides, and AWS::NoValue left out."""
+    no_value = {"Ref": "AWS::NoValue"}
+    if isinstance(value, dict):
+        if "Fn::If" in value:
+            condition, then, otherwise = value["Fn::If"]
+            return resolved(t, params, then if holds(t, params, condition) else otherwise)
+        out = {k: resolved(t, params, v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v != no_value}
+    if isinstance(value, list):
+        return [v for v in (resolved(t, params, v) for v in value) if v != no_value]
+    return value
 
 
 def client(service, endpoint):
@@ -107,8 +154,7 @@ def provision(args):
             names[logical] = name
 
     # The functions' environment as the template sets it, resolved against moto.
-    params = {k: str(v.get("Default", "")) for k, v in t["Parameters"].items()}
-    params["StageName"] = "check"
+    params = parameters(t)
     env = {}
     variables = dict(t["Globals"]["Function"]["Environment"]["Variables"])
     for r in resources.values():
@@ -190,7 +236,13 @@ def granted(t):
         if "Fn::GetAtt" in r:
             logical, attribute = r["Fn::GetAtt"]
             return logical if attribute == "Arn" else f"{logical}/stream"
+        if "Ref" in r:
+            return r["Ref"]
         sub = r["Fn::Sub"]
+        if not isinstance(sub, str):
+            # An ARN made from parameters (a push platform's SNS endpoints):
+            # kept whole, it matches no call the recorder logs.
+            return json.dumps(sub)
         if "@connections" in sub:
             # .../${WebSocketApi}/${StageName}/POST/@connections/* -> @connections/POST
             return "@connections/" + sub.split("/")[-3]
@@ -198,11 +250,13 @@ def granted(t):
         return logical + sub.split("}", 1)[1]
 
     grants = {}
+    # Policies granted under a condition (the push platforms') as the check's parameters decide.
+    params = parameters(t)
     for logical, r in t["Resources"].items():
         if r["Type"] != "AWS::Serverless::Function":
             continue
         pairs = grants.setdefault(logical, set())
-        for policy in r["Properties"].get("Policies", []):
+        for policy in resolved(t, params, r["Properties"].get("Policies", [])):
             for statement in policy["Statement"]:
                 actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
                 resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
@@ -541,6 +595,46 @@ def run(args):
         assert pushed_to("BobLaptopConn0Q=", "typing"), "bob's laptop was not told"
 
     c.call("typing", success("typing", typed))
+
+    # Push notifications. The check's stack leaves every push platform off
+    # (their parameters default to empty), so registerPush refuses the Web
+    # Push subscription of its event by name, before any AWS call.
+    devices_table = c.names["DevicesTable"]
+    phone_key = {"userId": {"S": "alice"}, "deviceId": {"S": "phone"}}
+
+    def push_of_phone():
+        item = c.ddb.get_item(TableName=devices_table, Key=phone_key, ConsistentRead=True).get("Item", {})
+        return item.get("push")
+
+    def refused_while_off(answer):
+        f = frame(answer)
+        assert f["action"] == "registerPush" and f["status"] == "FAILURE", f
+        assert f["error"]["code"] == "BAD_REQUEST" and "turned off" in f["error"]["message"], f
+        assert push_of_phone() is None, "a refused registration is not stored"
+
+    c.call("register-push", refused_while_off)
+
+    # unregisterPush takes away a registration as registerPush stores one
+    # (Web Push holds nothing at AWS, so the row is all there is to remove).
+    subscription = json.loads(c.event("register-push")["body"])["subscription"]
+    c.ddb.update_item(
+        TableName=devices_table,
+        Key=phone_key,
+        UpdateExpression="SET #push = :push",
+        ConditionExpression="attribute_exists(deviceId)",
+        ExpressionAttributeNames={"#push": "push"},
+        ExpressionAttributeValues={":push": {"M": {
+            "platform": {"S": "webpush"},
+            "address": {"S": subscription["endpoint"]},
+            "keys": {"M": {k: {"S": v} for k, v in subscription["keys"].items()}},
+        }}},
+    )
+
+    def unregistered(data):
+        assert data == {}, data
+        assert push_of_phone() is None, "the phone's registration is still there"
+
+    c.call("unregister-push", success("unregister-push", unregistered))
 
     def removed(data):
         assert data == {}, data

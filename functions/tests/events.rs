@@ -28,7 +28,7 @@ use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId,
 use courier_core::ports::{
     Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage, Wakeups, Woken,
 };
-use courier_core::protocol::{OneTimeKey, SignedKey, UploadKeys};
+use courier_core::protocol::{OneTimeKey, RegisterPush, SignedKey, UnregisterPush, UploadKeys};
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
 use serde::de::DeserializeOwned;
@@ -722,4 +722,72 @@ async fn delete_account_removes_the_user_and_closes_their_connections() {
     let again = lambda::command(&w.courier, event("delete-account")).await;
     assert_eq!(again.status_code, 200);
     assert_eq!(w.push.to(&own, "response").len(), 2);
+}
+
+#[tokio::test]
+async fn register_push_is_refused_while_web_push_is_turned_off() {
+    let w = World::new();
+    w.connect("alice", "phone", &w.caller_connection("register-push")).await;
+    let asked = frame("register-push");
+
+    // The subscription is one a browser could hand over (RFC 8291): an https
+    // endpoint, an uncompressed P-256 point and a 16-byte secret, base64url.
+    let subscription = &asked["subscription"];
+    assert_eq!(asked["platform"], "webpush");
+    assert!(subscription["endpoint"].as_str().is_some_and(|e| e.starts_with("https://")), "{subscription}");
+    let decode = |field: &str| {
+        let text = subscription["keys"][field].as_str().unwrap_or_else(|| panic!("keys.{field}"));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).expect("unpadded base64url")
+    };
+    let p256dh = decode("p256dh");
+    assert_eq!((p256dh.len(), p256dh[0]), (65, 0x04), "an uncompressed P-256 point");
+    assert_eq!(decode("auth").len(), 16);
+
+    // This Courier has no push service (every platform off, as a stack whose
+    // push parameters are left empty): the platform is refused by name, and
+    // nothing is stored.
+    let answer = answer(&lambda::command_for::<RegisterPush>(&w.courier, event("register-push")).await);
+    assert_eq!(answer["type"], "response");
+    assert_eq!(answer["action"], "registerPush");
+    assert_eq!(answer["requestId"], asked["requestId"]);
+    assert_eq!(answer["status"], "FAILURE", "{answer}");
+    assert_eq!(answer["error"]["code"], "BAD_REQUEST", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("webpush") && message.contains("turned off"), "{answer}");
+    assert!(!message.contains("fcm.googleapis.com"), "the endpoint is not quoted back: {answer}");
+    let devices = w.courier.ports().devices.devices_of(&[user("alice")], 0).await.unwrap();
+    assert_eq!(devices[0].push, None, "no registration stored");
+}
+
+#[tokio::test]
+async fn unregister_push_removes_the_devices_registration() {
+    let w = World::new();
+    w.connect("alice", "phone", &w.caller_connection("unregister-push")).await;
+    w.connect("alice", "tablet", "alice-tablet").await;
+    // A registration as registerPush stores one, on the phone and on the tablet.
+    let subscription = &frame("register-push")["subscription"];
+    let registration = PushRegistration {
+        platform: Platform::WebPush,
+        address: subscription["endpoint"].as_str().unwrap().to_owned(),
+        keys: Some(serde_json::from_value(subscription["keys"].clone()).unwrap()),
+        endpoint: None,
+    };
+    let devices = &w.courier.ports().devices;
+    for on in ["phone", "tablet"] {
+        assert!(devices.register_push(&user("alice"), &device(on), &registration).await.unwrap());
+    }
+
+    let data = success(
+        "unregister-push",
+        &lambda::command_for::<UnregisterPush>(&w.courier, event("unregister-push")).await,
+    );
+    assert_eq!(data, json!({}));
+    let stored = devices.devices_of(&[user("alice")], 0).await.unwrap();
+    let push_of = |on: &str| stored.iter().find(|d| d.id == device(on)).expect("the device").push.clone();
+    assert_eq!(push_of("phone"), None, "the calling device's registration is gone");
+    assert_eq!(push_of("tablet"), Some(registration), "the user's other devices keep theirs");
+
+    // Again: nothing left to remove, and still SUCCESS.
+    let again = lambda::command_for::<UnregisterPush>(&w.courier, event("unregister-push")).await;
+    assert_eq!(success("unregister-push", &again), json!({}));
 }
