@@ -8,16 +8,26 @@
 //! Run with `-- --nocapture` to see the table that docs/cost.md is made of.
 //! Always on the AWS backend, whatever COURIER_E2E_BACKEND says: it needs
 //! moto (scripts/test installs it; COURIER_VENV points at it).
+//!
+//! Keys, ciphertexts and key shares are a real Olm + Megolm client's
+//! (vodozemac, as in tests/tests/e2ee.rs), so the item sizes, and the units
+//! they cost, are those of a deployed client.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use courier_core::ids::{DeviceId, UserId};
+use courier_core::protocol::RecipientDevice;
+use courier_core::service::devices_digest;
 use courier_local::Backend;
 use courier_testkit::{Meter, Usage, moto};
 use courier_tests::client::Client;
 use courier_tests::{Server, WAIT, next_of_type, put_upload, sha256_hex};
 use serde_json::{Value, json};
+use vodozemac::Curve25519PublicKey;
+use vodozemac::megolm::{GroupSession, SessionConfig as MegolmConfig};
+use vodozemac::olm::{Account, SessionConfig as OlmConfig};
 
 /// API Gateway meters WebSocket messages in 32 KB steps.
 const APIGW_CHUNK: usize = 32 * 1024;
@@ -45,6 +55,80 @@ fn text(n: usize) -> String {
 /// The API Gateway messages of one frame.
 fn frames(len: usize) -> u64 {
     len.div_ceil(APIGW_CHUNK).max(1) as u64
+}
+
+/// What a client may send in one frame (PROTOCOL.md: 32 KiB).
+const MAX_FRAME: usize = 32 * 1024;
+/// The frames a Megolm key share to 99 devices takes: each device's Olm
+/// pre-key message is about 0.8 KB, so 99 of them do not fit in one.
+const KEY_SHARE_FRAMES: usize = 3;
+
+/// A device's first `uploadKeys` as the Olm client of tests/tests/e2ee.rs
+/// makes it: the Curve25519 identity key, the fallback key as the signed
+/// prekey (its signature `ED25519KEY.SIGNATURE`), `one_time` one-time
+/// prekeys. Marks them published, as the client does once they are stored.
+fn first_keys(account: &mut Account, one_time: usize) -> Value {
+    let identity = account.curve25519_key().to_base64();
+    account.generate_fallback_key();
+    let (key_id, public) = account.fallback_key().into_iter().next().expect("a fallback key");
+    let public = public.to_base64();
+    let signature = account.sign(format!("courier-signed-prekey\n{identity}\n{public}"));
+    account.generate_one_time_keys(one_time);
+    let one_time: Vec<Value> = account
+        .one_time_keys()
+        .into_iter()
+        .map(|(id, key)| json!({ "keyId": id.to_base64(), "publicKey": key.to_base64() }))
+        .collect();
+    account.mark_keys_as_published();
+    json!({
+        "identityKey": identity,
+        "signedPreKey": {
+            "keyId": key_id.to_base64(),
+            "publicKey": public,
+            "signature": format!("{}.{}", account.ed25519_key().to_base64(), signature.to_base64()),
+        },
+        "oneTimePreKeys": one_time,
+    })
+}
+
+/// The `message` of an encrypted chat message: message `n`'s text as
+/// Megolm ciphertext, with the session that made it (tests/tests/e2ee.rs).
+fn sealed(session: &mut GroupSession, n: usize) -> String {
+    let ciphertext = session.encrypt(text(n)).to_base64();
+    json!({ "sessionId": session.session_id(), "ciphertext": ciphertext }).to_string()
+}
+
+/// A Megolm session key shared with one device: the room key in an Olm
+/// pre-key message, as the first message of a new Olm session on one of
+/// the device's one-time prekeys is.
+fn key_share(sender: &Account, recipient: &mut Account, chat: &str, session: &GroupSession) -> String {
+    recipient.generate_one_time_keys(1);
+    let one_time: Curve25519PublicKey =
+        *recipient.one_time_keys().values().next().expect("a one-time prekey");
+    recipient.mark_keys_as_published();
+    let mut olm = sender
+        .create_outbound_session(OlmConfig::version_1(), recipient.curve25519_key(), one_time)
+        .expect("an Olm session");
+    let room_key = json!({
+        "chatId": chat,
+        "sessionId": session.session_id(),
+        "sessionKey": session.session_key().to_base64(),
+    });
+    let message = olm.encrypt(room_key.to_string()).expect("Olm encrypt");
+    serde_json::to_string(&message).expect("json")
+}
+
+/// The devices digest of an encrypted send to these (userId, account) devices.
+fn digest<'a>(devices: impl IntoIterator<Item = (&'a String, &'a Account)>) -> String {
+    let devices: Vec<RecipientDevice> = devices
+        .into_iter()
+        .map(|(user, account)| RecipientDevice {
+            user_id: UserId::try_from(user.as_str()).expect("a userId"),
+            device_id: DeviceId::try_from(DEVICE).expect("a deviceId"),
+            identity_key: account.curve25519_key().to_base64(),
+        })
+        .collect();
+    devices_digest(&devices)
 }
 
 /// What one command is expected to cause, besides its own frames.
@@ -188,6 +272,26 @@ async fn measure(
     Measured { name, usage, frames, lambdas, raced }
 }
 
+/// Waits until every job sent has run (the safety net's delayed checks
+/// too) and the meter has been quiet for a while: what set the state up is
+/// no command's. Then forgets what it counted.
+async fn settle(meter: &Meter) {
+    let mut seen = billed(meter.peek());
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(QUIET).await;
+        let now = billed(meter.peek());
+        let jobs_done = count(&now, "SQS.DeleteMessage") >= count(&now, "SQS.SendMessage");
+        if (now == seen && jobs_done && started.elapsed() >= Duration::from_secs(1))
+            || started.elapsed() > 3 * SETTLE
+        {
+            break;
+        }
+        seen = now;
+    }
+    meter.take();
+}
+
 /// Sends one command and returns its `data`, with the API Gateway messages
 /// of the frame in and the route response out.
 async fn command(client: &Client, action: &str, fields: Value) -> (Value, u64) {
@@ -263,17 +367,7 @@ async fn each_command_costs_what_docs_cost_md_says() {
     // Provisioning, the first clean-up and the pollers' first calls are no
     // command's: wait until the meter has been quiet for a while (a fixed
     // second was too short on a busy machine).
-    let mut seen = billed(meter.peek());
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(QUIET).await;
-        let now = billed(meter.peek());
-        if (now == seen && started.elapsed() >= Duration::from_secs(1)) || started.elapsed() > SETTLE {
-            break;
-        }
-        seen = now;
-    }
-    meter.take();
+    settle(&meter).await;
     let mut rows = Vec::new();
     let mut mismatches = Vec::new();
     let (alice, bob) = (user(1), user(2));
@@ -289,12 +383,12 @@ async fn each_command_costs_what_docs_cost_md_says() {
             2,
             &Expect {
                 requests: &[
-                    ("DynamoDB.GetItem", 2),
+                    ("DynamoDB.GetItem", 3),
                     ("DynamoDB.PutItem", 1),
                     ("DynamoDB.Query", 3),
                     ("DynamoDB.TransactWriteItems", 1),
                 ],
-                read_units: 5.0,
+                read_units: 6.0,
                 write_units: 5.0,
                 pushes: 0,
             },
@@ -420,14 +514,23 @@ async fn each_command_costs_what_docs_cost_md_says() {
         measure(
             &meter,
             &mut mismatches,
-            "ack (50 messages)",
+            "ack (50 messages, 1:1)",
             f,
             1,
+            // The deletes, then the delivered marker: moved once for the
+            // chat, and pushed to the chat's other devices (the chat read
+            // for its participants, their devices looked up).
             &Expect {
-                requests: &[("DynamoDB.DeleteItem", 50)],
-                read_units: 0.0,
-                write_units: 50.0,
-                pushes: 0,
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 1),
+                    ("DynamoDB.DeleteItem", 50),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 2),
+                    ("DynamoDB.UpdateItem", 1),
+                ],
+                read_units: 3.0,
+                write_units: 51.0,
+                pushes: 1,
             },
         )
         .await,
@@ -463,16 +566,17 @@ async fn each_command_costs_what_docs_cost_md_says() {
         measure(
             &meter,
             &mut mismatches,
-            "createAttachment",
+            "createAttachment (the day's first)",
             f,
             1,
             // The day's first: the quota's update of today's use fails its
             // condition (no use yet today), then starts the day. Later ones
-            // of the day make one UpdateItem.
+            // of the day make one UpdateItem. The row costs 2 WRU: its
+            // `byUploader` index entry (deleteAccount finds it there).
             &Expect {
                 requests: &[("DynamoDB.PutItem", 1), ("DynamoDB.UpdateItem", 2)],
                 read_units: 0.0,
-                write_units: 3.0,
+                write_units: 4.0,
                 pushes: 0,
             },
         )
@@ -529,14 +633,236 @@ async fn each_command_costs_what_docs_cost_md_says() {
         .await,
     );
 
+    // ---- receipts and typing in the 1:1 chat: bob reads what he has acked
+    // (his ack moved the delivered marker first, as a client that acks on
+    // arrival does), alice starts typing.
+    let (_, f) = command(&b, "markRead", json!({ "chatId": chat, "upTo": ids[49] })).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "markRead (1:1)",
+            f,
+            1,
+            // The chat, the markers (delivered is ahead already: the first
+            // update fails its condition and costs its unit, the second moves
+            // read and the private read), the participants' devices, one push.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 1),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 2),
+                    ("DynamoDB.UpdateItem", 2),
+                ],
+                read_units: 3.0,
+                write_units: 2.0,
+                pushes: 1,
+            },
+        )
+        .await,
+    );
+    let (_, f) = command(&a, "typing", json!({ "chatId": chat, "state": "start" })).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "typing (1:1)",
+            f,
+            1,
+            // The chat, the other participant's devices, one push; nothing stored.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 1),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 1),
+                ],
+                read_units: 2.0,
+                write_units: 0.0,
+                pushes: 1,
+            },
+        )
+        .await,
+    );
+
+    // ---- the key directory and an encrypted 1:1 chat. alice publishes her
+    // keys while in one chat (with bob), who is told by a deviceList push.
+    let mut alice_olm = Account::new();
+    let (data, f) = command(&a, "uploadKeys", first_keys(&mut alice_olm, 100)).await;
+    assert_eq!(data["oneTimePreKeys"], 100);
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "uploadKeys (a device's first, 100 one-time prekeys)",
+            f,
+            1,
+            // The store's share (docs/cost.md: keyIds looked up, the bundle read,
+            // two transactions, the count read back), then the deviceList push:
+            // alice's chats (the index, then the rows), her ready devices (Devices
+            // and Keys), the connected devices of everyone in them.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 2),
+                    ("DynamoDB.BatchGetItem", 2),
+                    ("DynamoDB.GetItem", 2),
+                    ("DynamoDB.Query", 5),
+                    ("DynamoDB.TransactWriteItems", 2),
+                ],
+                read_units: 107.5,
+                write_units: 204.0,
+                pushes: 2,
+            },
+        )
+        .await,
+    );
+    // bob publishes too, from his phone and from a laptop; alice opens an
+    // encrypted chat with him and asks for his keys, as a client does
+    // before its first message to a device.
+    let mut bob_olm = Account::new();
+    command(&b, "uploadKeys", first_keys(&mut bob_olm, 100)).await;
+    let laptop = "b7d2e90c14f3a658";
+    let bob_laptop = server.connect(&bob, laptop).await;
+    command(&bob_laptop, "uploadKeys", first_keys(&mut Account::new(), 100)).await;
+    let (data, _) =
+        command(&a, "createChat", json!({ "participants": [bob], "name": "sealed", "encrypted": true }))
+            .await;
+    let secret = data["chatId"].as_str().unwrap().to_owned();
+    settle(&meter).await;
+    let (data, f) = command(&a, "getKeys", json!({ "userId": bob })).await;
+    assert_eq!(data["devices"].as_array().map(Vec::len), Some(2));
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "getKeys (a user with 2 ready devices)",
+            f,
+            1,
+            // alice's chats (who may see whose keys), bob's ready devices, the
+            // three claim counters in one transaction, and per device a claim:
+            // the count taken down, ten candidates read, one deleted.
+            &Expect {
+                requests: &[
+                    ("DynamoDB.BatchGetItem", 1),
+                    ("DynamoDB.DeleteItem", 2),
+                    ("DynamoDB.Query", 5),
+                    ("DynamoDB.TransactWriteItems", 1),
+                    ("DynamoDB.UpdateItem", 2),
+                ],
+                read_units: 6.5,
+                write_units: 10.0,
+                pushes: 0,
+            },
+        )
+        .await,
+    );
+    let (data, f) = command(&a, "listDevices", json!({ "userId": bob })).await;
+    assert_eq!(data["devices"].as_array().map(Vec::len), Some(2));
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "listDevices (a user with 2 ready devices)",
+            f,
+            1,
+            // alice's chats, bob's ready devices.
+            &Expect {
+                requests: &[("DynamoDB.BatchGetItem", 1), ("DynamoDB.Query", 3)],
+                read_units: 4.5,
+                write_units: 0.0,
+                pushes: 0,
+            },
+        )
+        .await,
+    );
+    // Back to one device each, as the rest of the table has it.
+    command(&b, "removeDevice", json!({ "deviceId": laptop })).await;
+    drop(bob_laptop);
+    settle(&meter).await;
+    // alice's Megolm session for the chat: its key to bob's phone over Olm,
+    // then a message.
+    let mut alice_megolm = GroupSession::new(MegolmConfig::version_1());
+    let body = key_share(&alice_olm, &mut bob_olm, &secret, &alice_megolm);
+    let share = |to: Vec<Value>, n: usize| json!({ "messages": to, "clientMessageId": format!("9d1e4c7a-2b6f-4a8e-b3d5-{n:012}") });
+    let (_, f) = command(
+        &a,
+        "sendToDevices",
+        share(vec![json!({ "userId": bob, "deviceId": DEVICE, "body": body })], 0),
+    )
+    .await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "sendToDevices (a Megolm key to 1 device)",
+            f,
+            1,
+            // alice's chats, bob's ready devices, then the store's share: the
+            // claim of the clientMessageId holding the batch, the inbox row, the
+            // claim let go of the batch. The body (an Olm pre-key message, 0.8 KB)
+            // makes the inbox row just over 1 KB: 2 WRU, and as much for the
+            // claim's put and for its update.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 1),
+                    ("DynamoDB.BatchGetItem", 1),
+                    ("DynamoDB.BatchWriteItem", 1),
+                    ("DynamoDB.PutItem", 1),
+                    ("DynamoDB.Query", 3),
+                    ("DynamoDB.UpdateItem", 1),
+                ],
+                read_units: 4.5,
+                write_units: 6.0,
+                pushes: 1,
+            },
+        )
+        .await,
+    );
+    let mut m = send(60, &secret);
+    m["message"] = json!(sealed(&mut alice_megolm, 60));
+    m["devices"] = json!(digest([(&bob, &bob_olm)]));
+    let (_, f) = command(&a, "sendMessage", m).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "sendMessage (encrypted 1:1)",
+            f,
+            2,
+            // As in a plain chat, with the participants' key bundles read too
+            // (the device check needs their identity keys).
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 1),
+                    ("DynamoDB.BatchWriteItem", 1),
+                    ("DynamoDB.GetItem", 2),
+                    ("DynamoDB.Query", 4),
+                    ("DynamoDB.TransactWriteItems", 1),
+                    ("DynamoDB.UpdateItem", 1),
+                ],
+                read_units: 6.0,
+                write_units: 6.0,
+                pushes: 1,
+            },
+        )
+        .await,
+    );
+
     // ---- a group of 100, each member with one device online
     let members: Vec<String> = (100..100 + GROUP).map(user).collect();
     let mut clients = Vec::with_capacity(GROUP);
     for m in &members {
         clients.push(server.connect(m, DEVICE).await);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    meter.take();
+    // Each member's device is ready (keys published before the group
+    // exists, so no one else is told yet; no one-time prekeys, which no
+    // command below reads).
+    let mut accounts: Vec<Account> = Vec::with_capacity(GROUP);
+    for c in &clients {
+        let mut account = Account::new();
+        command(c, "uploadKeys", first_keys(&mut account, 0)).await;
+        accounts.push(account);
+    }
+    settle(&meter).await;
     let others: Vec<&String> = members[1..].iter().collect();
     let (data, f) =
         command(&clients[0], "createChat", json!({ "participants": others, "name": "everyone" })).await;
@@ -587,6 +913,228 @@ async fn each_command_costs_what_docs_cost_md_says() {
                     ("SQS.SendMessage", 2),
                 ],
                 read_units: 202.0,
+                write_units: 119.0,
+                pushes: 99,
+            },
+        )
+        .await,
+    );
+    let mut group_ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate().skip(1) {
+        let pushed = c.next_message(WAIT).await.expect("every other member's push");
+        if i == 1 {
+            group_ids.push(pushed.message_id.to_string());
+        }
+    }
+
+    // ---- receipts and typing in the group. Every member's inbox fills to
+    // 50 of its messages (not measured), member 1 acks them and reads.
+    for n in 1..50 {
+        let (data, _) = command(&clients[0], "sendMessage", send(1000 + n, &group)).await;
+        group_ids.push(data["messageId"].as_str().unwrap().to_owned());
+    }
+    for c in clients.iter_mut().skip(1) {
+        for _ in 1..50 {
+            c.next_message(WAIT).await.expect("every other member's push");
+        }
+    }
+    settle(&meter).await;
+    let (data, f) = command(&clients[1], "ack", json!({ "messageIds": group_ids })).await;
+    assert_eq!(data["acked"], 50);
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "ack (50 messages, 100-member group)",
+            f,
+            1,
+            // As in the 1:1 chat: the marker moves once for the 50, and is
+            // pushed to the 99 others (the 6.5 KB chat row, 100 device lookups).
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 99),
+                    ("DynamoDB.DeleteItem", 50),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 100),
+                    ("DynamoDB.UpdateItem", 1),
+                ],
+                read_units: 102.0,
+                write_units: 51.0,
+                pushes: 99,
+            },
+        )
+        .await,
+    );
+    let newest = group_ids.last().unwrap().clone();
+    let (_, f) = command(&clients[1], "markRead", json!({ "chatId": group, "upTo": newest })).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "markRead (100-member group)",
+            f,
+            1,
+            // As in the 1:1 chat, to 99 other devices.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 99),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 100),
+                    ("DynamoDB.UpdateItem", 2),
+                ],
+                read_units: 102.0,
+                write_units: 2.0,
+                pushes: 99,
+            },
+        )
+        .await,
+    );
+    // Everyone else reads too, so that each of the 100 has markers (one
+    // at a time: each makes 100 reads and 99 pushes, and moto is slow).
+    for (_, c) in clients.iter().enumerate().filter(|(i, _)| *i != 1) {
+        command(c, "markRead", json!({ "chatId": group, "upTo": newest })).await;
+    }
+    settle(&meter).await;
+    let (data, f) = command(&clients[1], "getReceipts", json!({ "chatId": group })).await;
+    assert_eq!(data["receipts"].as_array().map(Vec::len), Some(GROUP));
+    assert!(data["receipts"].as_array().unwrap().iter().all(|r| r["read"] == json!(newest)));
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "getReceipts (100-member group)",
+            f,
+            1,
+            // The chat, then 100 receipt rows in one Query (18 KB).
+            &Expect {
+                requests: &[("DynamoDB.GetItem", 1), ("DynamoDB.Query", 1)],
+                read_units: 7.0,
+                write_units: 0.0,
+                pushes: 0,
+            },
+        )
+        .await,
+    );
+    let (_, f) = command(&clients[1], "typing", json!({ "chatId": group, "state": "start" })).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "typing (100-member group)",
+            f,
+            1,
+            // The chat, the 99 others' devices, 99 pushes.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 99),
+                    ("DynamoDB.GetItem", 1),
+                    ("DynamoDB.Query", 99),
+                ],
+                read_units: 101.0,
+                write_units: 0.0,
+                pushes: 99,
+            },
+        )
+        .await,
+    );
+
+    // ---- an encrypted group of the same 100: the sender's Megolm key to
+    // the 99 other devices (each an Olm pre-key message, as when it is first
+    // shared), as many to a frame as fit in 32 KiB, then a message.
+    let (data, _) = command(
+        &clients[0],
+        "createChat",
+        json!({ "participants": others, "name": "everyone, sealed", "encrypted": true }),
+    )
+    .await;
+    let sealed_group = data["chatId"].as_str().unwrap().to_owned();
+    settle(&meter).await;
+    let mut megolm = GroupSession::new(MegolmConfig::version_1());
+    let (sender, recipients) = accounts.split_at_mut(1);
+    let shares: Vec<Value> = members[1..]
+        .iter()
+        .zip(recipients.iter_mut())
+        .map(|(member, account)| {
+            let body = key_share(&sender[0], account, &sealed_group, &megolm);
+            json!({ "userId": member, "deviceId": DEVICE, "body": body })
+        })
+        .collect();
+    let mut batches: Vec<Vec<Value>> = vec![Vec::new()];
+    for item in shares {
+        let mut with = batches.last().unwrap().clone();
+        with.push(item.clone());
+        let mut frame = share(with, 1);
+        frame["action"] = json!("sendToDevices");
+        frame["requestId"] = json!("r1000");
+        if frame.to_string().len() > MAX_FRAME {
+            batches.push(vec![item]);
+        } else {
+            batches.last_mut().unwrap().push(item);
+        }
+    }
+    println!(
+        "a key share: {} bytes a device; 99 devices in {} frames",
+        batches[0][0]["body"].as_str().unwrap().len(),
+        batches.len()
+    );
+    assert_eq!(batches.len(), KEY_SHARE_FRAMES, "frames of a key share to 99 devices");
+    let mut f = 0;
+    for (n, batch) in batches.into_iter().enumerate() {
+        f += command(&clients[0], "sendToDevices", share(batch, 100 + n)).await.1;
+    }
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "sendToDevices (a Megolm key to 99 devices, in 3 frames)",
+            f,
+            KEY_SHARE_FRAMES as u64,
+            // Per frame of 33: the sender's chats (two 100-member chats, 4 RRU),
+            // the 33 users' ready devices (66 Queries), a claim holding the
+            // 33 bodies (about 35 KB: 35 WRU to put, as much to let go of them),
+            // 33 inbox rows of 2 WRU; then 33 pushes.
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 99),
+                    ("DynamoDB.BatchGetItem", 3),
+                    ("DynamoDB.BatchWriteItem", 6),
+                    ("DynamoDB.PutItem", 3),
+                    ("DynamoDB.Query", 201),
+                    ("DynamoDB.UpdateItem", 3),
+                ],
+                read_units: 211.5,
+                write_units: 406.0,
+                pushes: 99,
+            },
+        )
+        .await,
+    );
+    let mut m = send(2000, &sealed_group);
+    m["message"] = json!(sealed(&mut megolm, 2000));
+    m["devices"] = json!(digest(members[1..].iter().zip(&accounts[1..])));
+    let (_, f) = command(&clients[0], "sendMessage", m).await;
+    rows.push(
+        measure(
+            &meter,
+            &mut mismatches,
+            "sendMessage (encrypted 100-member group)",
+            f,
+            2,
+            // As in the plain group, with 100 key bundles read (100 Queries on Keys).
+            &Expect {
+                requests: &[
+                    ("ApiGatewayManagementApi.PostToConnection", 99),
+                    ("DynamoDB.BatchGetItem", 2),
+                    ("DynamoDB.BatchWriteItem", 4),
+                    ("DynamoDB.GetItem", 2),
+                    ("DynamoDB.Query", 200),
+                    ("DynamoDB.TransactWriteItems", 1),
+                    ("DynamoDB.UpdateItem", 1),
+                    ("SQS.DeleteMessage", 2),
+                    ("SQS.ReceiveMessage", 2),
+                    ("SQS.SendMessage", 2),
+                ],
+                read_units: 302.0,
                 write_units: 119.0,
                 pushes: 99,
             },
