@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use courier_aws::Aws;
+use courier_aws::NoWakeups;
 use courier_core::auth::Verifier;
+use courier_core::ports::SystemClock;
 use courier_core::{Courier, Error};
 
 /// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`): a level,
@@ -28,10 +32,22 @@ pub fn init_tracing() {
     }
 }
 
-/// The service over the AWS adapters, alive for the whole execution environment.
+/// The service over the AWS adapters, alive for the whole execution
+/// environment, with wake-ups: for the functions that send them or release
+/// registrations (deliver, cleanup, removeDevice, deleteAccount,
+/// registerPush, unregisterPush).
 pub async fn courier() -> Result<&'static Courier, Error> {
     let aws = Aws::from_env().await?;
     Ok(Box::leak(Box::new(Courier::new(aws.ports(), Default::default()))))
+}
+
+/// The service for every other function, whose code never calls the
+/// Wakeups port (it only enqueues Wake jobs): `NoWakeups` keeps SNS, SSM and
+/// Web Push out of its bootstrap, which a trait object would otherwise link.
+pub async fn courier_without_push() -> Result<&'static Courier, Error> {
+    let aws = Aws::from_env().await?;
+    let ports = aws.ports_with(Arc::new(SystemClock), Arc::new(NoWakeups));
+    Ok(Box::leak(Box::new(Courier::new(ports, Default::default()))))
 }
 
 /// The token verifier of the authorizer: RS256/ES256 keys from the JWKS at
