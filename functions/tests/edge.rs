@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_lambda_events::encodings::Body;
+use courier_aws::NoWakeups;
 use courier_aws::S3Blobs;
 use courier_aws::aws_sdk_s3;
 use courier_aws::lambda::{self, MAX_FRAME_BYTES, WsEvent, WsResponse};
 use courier_core::Courier;
 use courier_core::domain::Limits;
-use courier_core::ids::{ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Attachment, Blobs, Platform, Posted, Push, PushRegistration, Wakeups, Woken};
+use courier_core::ids::ConnectionId;
+use courier_core::ports::{Attachment, Blobs, Posted, Push};
 use courier_core::protocol::ListChats;
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
@@ -35,35 +36,6 @@ impl Push for Nowhere {
     }
 
     async fn close(&self, _: &ConnectionId) -> courier_core::Result<()> {
-        Ok(())
-    }
-}
-
-/// No push service either: every platform is off.
-struct NoWakeups;
-
-#[async_trait]
-impl Wakeups for NoWakeups {
-    fn serves(&self, _: Platform) -> bool {
-        false
-    }
-
-    async fn prepare(
-        &self,
-        registration: PushRegistration,
-        _: Option<&PushRegistration>,
-    ) -> courier_core::Result<PushRegistration> {
-        Err(courier_core::Error::BadRequest(format!(
-            "platform: {} is not enabled",
-            registration.platform.name()
-        )))
-    }
-
-    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> courier_core::Result<Woken> {
-        Err(courier_core::Error::internal("no push service is configured"))
-    }
-
-    async fn release(&self, _: &PushRegistration) -> courier_core::Result<()> {
         Ok(())
     }
 }

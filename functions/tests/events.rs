@@ -20,13 +20,14 @@ use aws_lambda_events::encodings::Body;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
+use courier_aws::NoWakeups;
 use courier_aws::lambda::{self, WsResponse};
 use courier_core::Courier;
 use courier_core::auth::Verifier;
 use courier_core::domain::{Caller, Chat, DAY_MS, InboxKey, Limits, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
 use courier_core::ports::{
-    Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage, Wakeups, Woken,
+    Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage,
 };
 use courier_core::protocol::{OneTimeKey, RegisterPush, SignedKey, UnregisterPush, UploadKeys};
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
@@ -93,35 +94,6 @@ impl Push for Recorder {
 
     async fn close(&self, connection: &ConnectionId) -> courier_core::Result<()> {
         self.closed.lock().unwrap().push(connection.to_string());
-        Ok(())
-    }
-}
-
-/// No push service: every platform is off, so no event wakes anyone.
-struct NoWakeups;
-
-#[async_trait]
-impl Wakeups for NoWakeups {
-    fn serves(&self, _: Platform) -> bool {
-        false
-    }
-
-    async fn prepare(
-        &self,
-        registration: PushRegistration,
-        _: Option<&PushRegistration>,
-    ) -> courier_core::Result<PushRegistration> {
-        Err(courier_core::Error::BadRequest(format!(
-            "platform: {} is not enabled",
-            registration.platform.name()
-        )))
-    }
-
-    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> courier_core::Result<Woken> {
-        Err(courier_core::Error::internal("no push service is configured"))
-    }
-
-    async fn release(&self, _: &PushRegistration) -> courier_core::Result<()> {
         Ok(())
     }
 }
