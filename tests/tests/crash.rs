@@ -8,11 +8,13 @@
 //! command stays quick; the documented long run uses 20).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use courier_tests::Process;
 use courier_tests::client::Client;
 use rand::Rng;
+use tokio::sync::Notify;
 
 /// Enough tokens that the rate limit never shapes the load.
 const SETTINGS: [(&str, &str); 2] =
@@ -37,7 +39,8 @@ async fn send_until_killed(client: Client, chat: String) -> Vec<String> {
 /// Syncs and acks pages until the server goes away; returns the ids whose ack
 /// was answered SUCCESS, and those of the ack that got no answer: the server
 /// may have committed it before it died, so they may be gone without being lost.
-async fn ack_until_killed(client: Client) -> (Vec<String>, Vec<String>) {
+/// `flowing` is told when the first ack is answered.
+async fn ack_until_killed(client: Client, flowing: Arc<Notify>) -> (Vec<String>, Vec<String>) {
     let mut acked = Vec::new();
     loop {
         let Ok(page) = client.sync(Some(50), None).await else { break };
@@ -48,7 +51,10 @@ async fn ack_until_killed(client: Client) -> (Vec<String>, Vec<String>) {
         }
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
         match client.ack(&refs).await {
-            Ok(_) => acked.extend(ids),
+            Ok(_) => {
+                acked.extend(ids);
+                flowing.notify_one();
+            }
             Err(_) => return (acked, ids),
         }
     }
@@ -75,8 +81,16 @@ async fn sigkill_under_load_loses_no_success_and_brings_back_no_ack() {
             tokio::spawn(send_until_killed(alice, chat.clone())),
             tokio::spawn(send_until_killed(carol, chat.clone())),
         ];
-        let receiver = tokio::spawn(ack_until_killed(bob));
+        let flowing = Arc::new(Notify::new());
+        let receiver = tokio::spawn(ack_until_killed(bob, flowing.clone()));
 
+        // The kill lands at a random moment once the round's load flows (a
+        // first ack answered), not during connection set-up: on a slow backend
+        // a blind timer can fire before anything was acked, and the round
+        // then tests nothing.
+        tokio::time::timeout(Duration::from_secs(60), flowing.notified())
+            .await
+            .expect("an ack answered within 60 s of the round's start");
         let after = Duration::from_millis(rand::rng().random_range(20..400));
         tokio::time::sleep(after).await;
         server.kill().await;
