@@ -11,17 +11,16 @@ use std::path::Path;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use courier_core::{Error, Result};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
-use p256::pkcs8::EncodePrivateKey;
 use serde::Serialize;
 
 use crate::check::decode_base64url;
 
 /// A VAPID key pair and the contact (`sub`) that goes with it.
 pub struct VapidKey {
-    secret: p256::SecretKey,
-    signing: EncodingKey,
+    signing: SigningKey,
     public: String,
     subject: String,
 }
@@ -67,15 +66,8 @@ impl VapidKey {
 
     fn new(secret: p256::SecretKey, subject: &str) -> Result<Self> {
         check_subject(subject)?;
-        let der =
-            secret.to_pkcs8_der().map_err(|e| Error::internal(format!("encoding the VAPID key: {e}")))?;
         let public = URL_SAFE_NO_PAD.encode(secret.public_key().to_encoded_point(false).as_bytes());
-        Ok(Self {
-            signing: EncodingKey::from_ec_der(der.as_bytes()),
-            secret,
-            public,
-            subject: subject.to_owned(),
-        })
+        Ok(Self { signing: SigningKey::from(secret), public, subject: subject.to_owned() })
     }
 
     /// Reads the key from a file holding its base64url private key.
@@ -117,7 +109,7 @@ impl VapidKey {
 
     /// The private key, base64url: what the key file and SSM hold.
     pub fn to_base64url(&self) -> String {
-        URL_SAFE_NO_PAD.encode(self.secret.to_bytes())
+        URL_SAFE_NO_PAD.encode(self.signing.to_bytes())
     }
 
     /// The public key, base64url of the uncompressed point: the
@@ -134,9 +126,21 @@ impl VapidKey {
     /// endpoint's origin): `vapid t=JWT, k=PUBLIC KEY`, the JWT expiring at
     /// `expires_at` (seconds since the epoch).
     pub fn authorization(&self, audience: &str, expires_at: u64) -> Result<String> {
+        // By hand rather than with jsonwebtoken: its `encode` picks the
+        // signer at run time, so it links every algorithm it has (RSA,
+        // Ed25519, P-384...) into each push function's bootstrap.
         let claims = Claims { aud: audience, exp: expires_at, sub: &self.subject };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.signing)
-            .map_err(|e| Error::internal(format!("signing the VAPID token: {e}")))?;
+        let claims = serde_json::to_vec(&claims)
+            .map_err(|e| Error::internal(format!("encoding the VAPID claims: {e}")))?;
+        let mut token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ES256"}"#),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let signature: Signature = self.signing.sign(token.as_bytes());
+        // JWS ES256 (RFC 7518 §3.4) wants r || s, 64 bytes, not DER.
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature.to_bytes()));
         Ok(format!("vapid t={token}, k={}", self.public))
     }
 }
@@ -229,7 +233,7 @@ mod tests {
             &URL_SAFE_NO_PAD.encode(&decode_base64url(public).unwrap()[33..]),
         )
         .unwrap();
-        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
         validation.set_audience(&["https://push.example"]);
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &decoding, &validation).unwrap().claims;
         assert_eq!(claims["sub"], SUBJECT);
