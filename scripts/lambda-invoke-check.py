@@ -650,6 +650,10 @@ def run(args):
     c.call("default", unknown)
     c.call("fanout", no_batch_failures)
     c.call("deliver", no_batch_failures)
+    # A Wake job for alice's phone, which is connected and (after
+    # unregister-push) has no registration: begin_wake's conditional update
+    # finds nothing to wake, so no push service is called.
+    c.call("wake", no_batch_failures)
 
     def cleaned(answer):
         assert answer is None, answer

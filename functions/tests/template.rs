@@ -242,8 +242,10 @@ fn connect_goes_through_the_token_authorizer() {
 }
 
 /// The readers of functions/src/lib.rs and the variables each reads.
-const READERS: [(&str, &[&str]); 3] = [
+const READERS: [(&str, &[&str]); 5] = [
     ("courier_functions::courier()", &ENV_VARS),
+    ("courier_functions::courier_with_blobs()", &ENV_VARS),
+    ("courier_functions::courier_with_wakeups()", &ENV_VARS),
     (
         "courier_functions::verifier()",
         &["COURIER_JWKS_URL", "COURIER_JWT_SECRET", "COURIER_JWT_ISSUER", "COURIER_JWT_AUDIENCE"],
@@ -263,7 +265,11 @@ fn the_template_sets_every_variable_the_code_reads() {
         .step_by(2)
         .filter(|s| s.starts_with("COURIER_") && s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
         .collect();
-    let known: BTreeSet<&str> = READERS[1..].iter().flat_map(|(_, vars)| vars.iter().copied()).collect();
+    let known: BTreeSet<&str> = READERS
+        .iter()
+        .flat_map(|(_, vars)| vars.iter().copied())
+        .filter(|var| !ENV_VARS.contains(var))
+        .collect();
     assert_eq!(named, known, "functions/src/lib.rs reads variables this test does not check");
 
     for binary in binaries() {
@@ -290,6 +296,7 @@ fn the_template_sets_every_variable_the_code_reads() {
         assert_eq!(globals[&var], json!({"Ref": format!("{}Table", table.logical)}), "{var}");
     }
     assert_eq!(globals["COURIER_JOBS_QUEUE_URL"], json!({"Ref": "JobsQueue"}), "Ref of a queue is its URL");
+    assert_eq!(globals["COURIER_WAKES_QUEUE_URL"], json!({"Ref": "WakesQueue"}), "Ref of a queue is its URL");
     assert_eq!(globals["COURIER_MEDIA_BUCKET"], json!({"Ref": "MediaBucket"}), "Ref of a bucket is its name");
     let endpoint = json!({"Fn::Sub": "https://${WebSocketApi}.execute-api.${AWS::Region}.${AWS::URLSuffix}/${StageName}"});
     assert_eq!(globals["COURIER_CONNECTIONS_ENDPOINT"], endpoint, "the management API of the stage");
@@ -340,9 +347,11 @@ fn timeouts_leave_room_for_each_other() {
             assert!(timeout <= 29, "{id}: API Gateway gives up on an integration after 29 s");
         }
     }
-    let deliver = seconds(&t.function_property("DeliverFunction", "Timeout"));
-    let visibility = seconds(&t.resource("JobsQueue")["Properties"]["VisibilityTimeout"]);
-    assert!(visibility >= 6 * deliver, "JobsQueue's visibility timeout should be 6x the deliver timeout");
+    for (function, queue) in [("DeliverFunction", "JobsQueue"), ("WakeFunction", "WakesQueue")] {
+        let timeout = seconds(&t.function_property(function, "Timeout"));
+        let visibility = seconds(&t.resource(queue)["Properties"]["VisibilityTimeout"]);
+        assert!(visibility >= 6 * timeout, "{queue}'s visibility timeout should be 6x {function}'s timeout");
+    }
 }
 
 #[test]
@@ -452,23 +461,33 @@ fn streams_queues_and_schedule_feed_the_right_functions() {
     let failed = referenced(&stream["DestinationConfig"]["OnFailure"]["Destination"]);
     assert_eq!(t.resource(&failed[0])["Type"], "AWS::SQS::Queue", "an on-failure destination");
 
-    let queue = mapping_of("DeliverFunction");
-    assert_eq!(queue["EventSourceArn"], json!({"Fn::GetAtt": ["JobsQueue", "Arn"]}));
-    assert_eq!(
-        queue["FunctionResponseTypes"],
-        json!(["ReportBatchItemFailures"]),
-        "handlers::deliver reports failed jobs"
-    );
-    let redrive = &t.resource("JobsQueue")["Properties"]["RedrivePolicy"];
-    assert_eq!(redrive["deadLetterTargetArn"], json!({"Fn::GetAtt": ["JobsDeadLetterQueue", "Arn"]}));
-    assert!(redrive["maxReceiveCount"].as_i64().is_some_and(|n| n > 1));
+    // Each job queue feeds its own function, whose binary runs that queue's handler.
+    for (function, binary, queue, dlq) in [
+        ("DeliverFunction", "deliver", "JobsQueue", "JobsDeadLetterQueue"),
+        ("WakeFunction", "wake", "WakesQueue", "WakesDeadLetterQueue"),
+    ] {
+        let mapping = mapping_of(function);
+        assert_eq!(mapping["EventSourceArn"], json!({"Fn::GetAtt": [queue, "Arn"]}), "{function}");
+        assert_eq!(
+            mapping["FunctionResponseTypes"],
+            json!(["ReportBatchItemFailures"]),
+            "lambda::{binary} reports failed jobs"
+        );
+        assert!(
+            binary_source(binary).contains(&format!("lambda::{binary}(")),
+            "functions/src/bin/{binary}.rs should run lambda::{binary}"
+        );
+        let redrive = &t.resource(queue)["Properties"]["RedrivePolicy"];
+        assert_eq!(redrive["deadLetterTargetArn"], json!({"Fn::GetAtt": [dlq, "Arn"]}), "{queue}");
+        assert!(redrive["maxReceiveCount"].as_i64().is_some_and(|n| n > 1), "{queue}");
+    }
 
     let events = &t.resource("CleanupFunction")["Properties"]["Events"];
     let schedule = events.as_object().and_then(|e| e.values().next()).expect("cleanup has an event");
     assert_eq!(schedule["Type"], "Schedule", "an EventBridge rule: handlers::cleanup takes its event");
-    assert_eq!(mappings.len(), 2, "no other event source mappings");
+    assert_eq!(mappings.len(), 3, "no other event source mappings");
 
-    for dlq in ["JobsDeadLetterQueue", &failed[0]] {
+    for dlq in ["JobsDeadLetterQueue", "WakesDeadLetterQueue", &failed[0]] {
         let alarmed = t.of_type("AWS::CloudWatch::Alarm").into_iter().any(|(_, a)| {
             a["Properties"]["Dimensions"]
                 .as_array()
@@ -566,6 +585,86 @@ fn grants_are_scoped_to_the_stacks_own_resources() {
         "the authorizer calls nothing"
     );
     assert!(t.resource("DefaultFunction")["Properties"]["Policies"].is_null(), "$default calls nothing");
+}
+
+/// The functions whose handlers enqueue Wake jobs (`Courier::enqueue_wake`:
+/// the send paths and the jobs that push them) or Release jobs
+/// (`Courier::release`: whatever drops a push registration), which
+/// `SqsJobs` sends to the wake-up queue.
+const WAKE_ENQUEUERS: [&str; 9] = [
+    "send-message",
+    "send-to-devices",
+    "deliver",
+    "wake",
+    "register-push",
+    "unregister-push",
+    "remove-device",
+    "delete-account",
+    "cleanup",
+];
+
+/// A function's statements, those of policies under a condition (`!If`,
+/// either branch) too.
+fn all_statements(t: &Template, id: &str) -> Vec<Value> {
+    let policies = t.resource(id)["Properties"]["Policies"].as_array().cloned().unwrap_or_default();
+    policies
+        .iter()
+        .flat_map(|p| match p["Fn::If"].as_array() {
+            Some(branches) => branches.iter().skip(1).cloned().collect(),
+            None => vec![p.clone()],
+        })
+        .flat_map(|p| p["Statement"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn actions(statement: &Value) -> Vec<String> {
+    match &statement["Action"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect(),
+        other => panic!("Action {other}"),
+    }
+}
+
+#[test]
+fn only_the_wake_function_talks_to_push_services() {
+    let t = Template::load();
+    for (id, f) in t.of_type("AWS::Serverless::Function") {
+        let binary = f["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or_default();
+        let statements = all_statements(&t, id);
+        let granted: BTreeSet<String> = statements.iter().flat_map(actions).collect();
+        let on = |queue: &str, action: &str| {
+            statements.iter().any(|s| {
+                actions(s).iter().any(|a| a == action) && referenced(&s["Resource"]) == [queue.to_owned()]
+            })
+        };
+
+        // SNS, SSM and Web Push are linked by wake (wake-ups, releases) and
+        // by registerPush (which makes the endpoints) alone.
+        let sns: BTreeSet<&str> =
+            granted.iter().filter(|a| a.starts_with("sns:")).map(String::as_str).collect();
+        let expected: BTreeSet<&str> = match binary {
+            "wake" => ["sns:Publish", "sns:DeleteEndpoint"].into(),
+            "register-push" => {
+                ["sns:CreatePlatformEndpoint", "sns:SetEndpointAttributes", "sns:DeleteEndpoint"].into()
+            }
+            _ => BTreeSet::new(),
+        };
+        assert_eq!(sns, expected, "{id}: the SNS calls its handler makes");
+        assert_eq!(
+            granted.contains("ssm:GetParameter"),
+            binary == "wake",
+            "{id}: only wake reads the VAPID key"
+        );
+        assert!(!granted.iter().any(|a| a.starts_with("kms:")), "{id}: SSM decrypts with aws/ssm");
+
+        assert_eq!(
+            on("WakesQueue", "sqs:SendMessage"),
+            WAKE_ENQUEUERS.contains(&binary),
+            "{id}: sqs:SendMessage on WakesQueue iff its handler enqueues Wake or Release jobs"
+        );
+        assert_eq!(on("WakesQueue", "sqs:ReceiveMessage"), binary == "wake", "{id}: WakesQueue's consumer");
+        assert_eq!(on("JobsQueue", "sqs:ReceiveMessage"), binary == "deliver", "{id}: JobsQueue's consumer");
+    }
 }
 
 #[test]
