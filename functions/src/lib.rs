@@ -6,10 +6,9 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use courier_aws::Aws;
-use courier_aws::NoWakeups;
 use courier_core::auth::Verifier;
 use courier_core::ports::SystemClock;
-use courier_core::{Courier, Error};
+use courier_core::{Courier, Error, Ports};
 
 /// JSON logs for CloudWatch, filtered by `RUST_LOG` (default `info`): a level,
 /// or `target=level` pairs such as `courier_core=debug,info`. A `Targets`
@@ -33,20 +32,32 @@ pub fn init_tracing() {
 }
 
 /// The service over the AWS adapters, alive for the whole execution
-/// environment, with wake-ups: for the functions that send them or release
-/// registrations (deliver, cleanup, removeDevice, deleteAccount,
-/// registerPush, unregisterPush).
+/// environment, with the ports every command calls: the tables, the job
+/// queues and pushes to connections. S3 and the push services are left
+/// out ([`courier_core::ports::Unwired`]): the functions that call them
+/// take [`courier_with_blobs`] or [`courier_with_wakeups`]. An adapter is a
+/// trait object that links every method of its SDK client, so wiring only
+/// what a function calls keeps its bootstrap under the 8 MB budget.
 pub async fn courier() -> Result<&'static Courier, Error> {
-    let aws = Aws::from_env().await?;
-    Ok(Box::leak(Box::new(Courier::new(aws.ports(), Default::default()))))
+    wired(|_, ports| ports).await
 }
 
-/// The service for every other function, whose code never calls the
-/// Wakeups port (it only enqueues Wake jobs): `NoWakeups` keeps SNS, SSM and
-/// Web Push out of its bootstrap, which a trait object would otherwise link.
-pub async fn courier_without_push() -> Result<&'static Courier, Error> {
+/// [`courier`] with the media bucket: the functions that presign, check
+/// or delete uploads (createAttachment, getAttachment, sendMessage with
+/// attachments, deleteAccount).
+pub async fn courier_with_blobs() -> Result<&'static Courier, Error> {
+    wired(|aws, ports| Ports { blobs: aws.blobs(), ..ports }).await
+}
+
+/// [`courier`] with SNS and Web Push: `wake`, which sends wake-ups and
+/// releases SNS endpoints, and registerPush, which makes them.
+pub async fn courier_with_wakeups() -> Result<&'static Courier, Error> {
+    wired(|aws, ports| Ports { wakeups: aws.wakeups(), ..ports }).await
+}
+
+async fn wired(wire: impl FnOnce(&Aws, Ports) -> Ports) -> Result<&'static Courier, Error> {
     let aws = Aws::from_env().await?;
-    let ports = aws.ports_with(Arc::new(SystemClock), Arc::new(NoWakeups));
+    let ports = wire(&aws, aws.tables_ports(Arc::new(SystemClock)));
     Ok(Box::leak(Box::new(Courier::new(ports, Default::default()))))
 }
 

@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_lambda_events::encodings::Body;
-use courier_aws::NoWakeups;
 use courier_aws::S3Blobs;
 use courier_aws::aws_sdk_s3;
 use courier_aws::lambda::{self, MAX_FRAME_BYTES, WsEvent, WsResponse};
 use courier_core::Courier;
 use courier_core::domain::Limits;
 use courier_core::ids::ConnectionId;
-use courier_core::ports::{Attachment, Blobs, Posted, Push};
+use courier_core::ports::{Attachment, Blobs, Posted, Push, Unwired};
 use courier_core::protocol::ListChats;
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
 use courier_testkit::FakeClock;
@@ -54,7 +53,7 @@ impl World {
         let store =
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
-        let ports = courier_embedded::ports(&store, &blobs, Arc::new(Nowhere), Arc::new(NoWakeups), clock);
+        let ports = courier_embedded::ports(&store, &blobs, Arc::new(Nowhere), Arc::new(Unwired), clock);
         World { courier: Courier::new(ports, Limits::default()), _store: store, _dir: dir }
     }
 

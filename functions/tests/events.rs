@@ -20,14 +20,13 @@ use aws_lambda_events::encodings::Body;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
-use courier_aws::NoWakeups;
 use courier_aws::lambda::{self, WsResponse};
 use courier_core::Courier;
 use courier_core::auth::Verifier;
 use courier_core::domain::{Caller, Chat, DAY_MS, InboxKey, Limits, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
 use courier_core::ports::{
-    Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage,
+    Attachment, Clock, Markers, Platform, Posted, Push, PushRegistration, StoredMessage, Unwired,
 };
 use courier_core::protocol::{OneTimeKey, RegisterPush, SignedKey, UnregisterPush, UploadKeys};
 use courier_embedded::{self, Durability, FileBlobs, SqliteStore};
@@ -127,7 +126,7 @@ impl World {
             SqliteStore::open(&dir.path().join("courier.db"), Durability::Process, clock.clone()).unwrap();
         let blobs = FileBlobs::open(&dir.path().join("blobs"), "http://blobs.test").unwrap();
         let push = Arc::new(Recorder::default());
-        let ports = courier_embedded::ports(&store, &blobs, push.clone(), Arc::new(NoWakeups), clock.clone());
+        let ports = courier_embedded::ports(&store, &blobs, push.clone(), Arc::new(Unwired), clock.clone());
         World { courier: Courier::new(ports, Limits::default()), store, blobs, push, clock, _dir: dir }
     }
 

@@ -27,7 +27,7 @@ use courier_core::auth::Verifier;
 use courier_core::dispatch;
 use courier_core::domain::{Caller, Chat, DAY_MS, Limits, Member};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Clock, Platform, Posted, Push, PushRegistration, SystemClock, Wakeups, Woken};
+use courier_core::ports::{Clock, Posted, Push, SystemClock, Unwired};
 use courier_core::protocol::{Command, ErrorCode, Request};
 use courier_core::{Courier, Ports};
 use courier_embedded::{Durability, FileBlobs, SqliteStore};
@@ -261,35 +261,6 @@ impl Push for NoPush {
     }
 }
 
-/// A wake-up port for a process with no push service: every platform is off.
-struct NoWakeups;
-
-#[async_trait]
-impl Wakeups for NoWakeups {
-    fn serves(&self, _: Platform) -> bool {
-        false
-    }
-
-    async fn prepare(
-        &self,
-        registration: PushRegistration,
-        _: Option<&PushRegistration>,
-    ) -> courier_core::Result<PushRegistration> {
-        Err(courier_core::Error::BadRequest(format!(
-            "platform: {} is not enabled",
-            registration.platform.name()
-        )))
-    }
-
-    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> courier_core::Result<Woken> {
-        Err(courier_core::Error::internal("no push service is configured"))
-    }
-
-    async fn release(&self, _: &PushRegistration) -> courier_core::Result<()> {
-        Ok(())
-    }
-}
-
 impl World {
     fn open() -> World {
         let dir = state_dir();
@@ -298,7 +269,7 @@ impl World {
             .expect("the fuzz database");
         let blobs = FileBlobs::open(&dir.join("blobs"), "http://blobs.fuzz.invalid").expect("the blob dir");
         let ports: Ports =
-            courier_embedded::ports(&store, &blobs, Arc::new(NoPush), Arc::new(NoWakeups), clock.clone());
+            courier_embedded::ports(&store, &blobs, Arc::new(NoPush), Arc::new(Unwired), clock.clone());
         // The daily quotas would run out over a long run and turn every
         // send into the same refusal; everything else is as deployed.
         let limits = Limits {

@@ -2,7 +2,7 @@
 //! run over the AWS adapters against `AWS_ENDPOINT_URL` (moto's server in the
 //! tests); this process plays the parts AWS would: it creates the tables,
 //! queue and bucket, polls the Messages stream and hands `fanout` real-shaped
-//! stream events, polls the queue and hands `deliver` SQS events, and takes
+//! stream events, polls the queues and hands `deliver` and `wake` SQS events, and takes
 //! the pushes on its own `@connections` endpoint.
 
 use std::collections::HashMap;
@@ -48,25 +48,12 @@ impl Backend {
         watcher: Option<&dyn Watcher>,
     ) -> anyhow::Result<Backend> {
         let sqs = courier_aws::aws_sdk_sqs::Client::new(config);
-        let dlq = sqs.create_queue().queue_name(format!("{prefix}-jobs-dlq")).send().await?;
-        let dlq_arn = sqs
-            .get_queue_attributes()
-            .queue_url(dlq.queue_url().unwrap_or_default())
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await?
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-            .unwrap_or_default();
-        let redrive = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{MAX_RECEIVES}"}}"#);
-        let queue = sqs
-            .create_queue()
-            .queue_name(format!("{prefix}-jobs"))
-            .attributes(QueueAttributeName::RedrivePolicy, redrive)
-            .attributes(QueueAttributeName::VisibilityTimeout, "5")
-            .send()
-            .await?;
-        let names = Names::prefixed(prefix, queue.queue_url().unwrap_or_default(), connections_endpoint);
+        let jobs = create_queue(&sqs, &format!("{prefix}-jobs")).await?;
+        let wakes = create_queue(&sqs, &format!("{prefix}-wakes")).await?;
+        let names = Names {
+            wakes_queue_url: wakes,
+            ..Names::prefixed(prefix, &jobs, connections_endpoint)
+        };
         let mut aws = match watcher {
             Some(watcher) => Aws::watched(config, names, watcher),
             None => Aws::new(config, names),
@@ -79,7 +66,7 @@ impl Backend {
             aws.management.config().to_builder().credentials_provider(credentials).build(),
         );
         schema::create_tables(&aws.dynamodb, &aws.names).await?;
-        if let Err(e) = aws.s3.create_bucket().bucket(&aws.names.media_bucket).send().await {
+        if let Err(e) = aws.s3().create_bucket().bucket(&aws.names.media_bucket).send().await {
             let owned = e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you());
             anyhow::ensure!(owned, "creating the bucket failed: {}", DisplayErrorContext(e));
         }
@@ -90,13 +77,38 @@ impl Backend {
         self.aws.ports_with_clock(clock)
     }
 
-    /// Starts the stream and queue pollers.
-    pub fn spawn(&self, courier: Arc<Courier>) -> [JoinHandle<()>; 2] {
+    /// Starts the stream poller and a poller per queue (`deliver`'s and `wake`'s).
+    pub fn spawn(&self, courier: Arc<Courier>) -> [JoinHandle<()>; 3] {
+        let names = &self.aws.names;
         [
             tokio::spawn(poll_stream(self.aws.clone(), self.streams.clone(), courier.clone())),
-            tokio::spawn(poll_queue(self.aws.clone(), courier)),
+            tokio::spawn(poll_queue(self.aws.clone(), names.jobs_queue_url.clone(), courier.clone())),
+            tokio::spawn(poll_queue(self.aws.clone(), names.wakes_queue_url.clone(), courier)),
         ]
     }
+}
+
+/// Creates a job queue and its dead-letter queue; answers the queue's URL.
+async fn create_queue(sqs: &courier_aws::aws_sdk_sqs::Client, name: &str) -> anyhow::Result<String> {
+    let dlq = sqs.create_queue().queue_name(format!("{name}-dlq")).send().await?;
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(dlq.queue_url().unwrap_or_default())
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .unwrap_or_default();
+    let redrive = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{MAX_RECEIVES}"}}"#);
+    let queue = sqs
+        .create_queue()
+        .queue_name(name)
+        .attributes(QueueAttributeName::RedrivePolicy, redrive)
+        .attributes(QueueAttributeName::VisibilityTimeout, "5")
+        .send()
+        .await?;
+    Ok(queue.queue_url().unwrap_or_default().to_owned())
 }
 
 /// Reads the Messages stream as Lambda's event source mapping does and hands
@@ -194,10 +206,10 @@ fn event_record(record: &aws_sdk_dynamodbstreams::types::Record, arn: &str) -> E
 const CONCURRENT_BATCHES: usize = 8;
 
 /// Receives jobs as Lambda's SQS event source mapping does, hands each batch
-/// to `deliver`, and deletes what did not fail: the rest comes back after
-/// the visibility timeout, and to the dead-letter queue after five tries.
-async fn poll_queue(aws: Aws, courier: Arc<Courier>) {
-    let url = aws.names.jobs_queue_url.clone();
+/// to `deliver` (or `wake`: the same handler), and deletes what did not
+/// fail: the rest comes back after the visibility timeout, and to the
+/// dead-letter queue after five tries.
+async fn poll_queue(aws: Aws, url: String, courier: Arc<Courier>) {
     // Dropped with this task, which aborts the batches still running.
     let mut batches = tokio::task::JoinSet::new();
     loop {

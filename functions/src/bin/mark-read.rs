@@ -7,7 +7,7 @@ use lambda_runtime::{Error, LambdaEvent, service_fn};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     courier_functions::init_tracing();
-    let courier = courier_functions::courier_without_push().await?;
+    let courier = courier_functions::courier().await?;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<WsEvent>| async move {
         Ok::<WsResponse, Error>(lambda::command_for::<MarkRead>(courier, event.payload).await)
     }))

@@ -3,8 +3,11 @@
 //! behind the same ports as the embedded ones.
 //!
 //! Every Lambda builds one [`Aws`] at cold start from its environment (the
-//! names `template.yaml` sets) and hands [`Aws::ports`] to the service, or
-//! [`Aws::ports_with`] and a [`NoWakeups`] when it never wakes a device.
+//! names `template.yaml` sets) and hands the service the ports its command
+//! calls: [`Aws::tables_ports`] plus the S3, SNS or Web Push adapters where
+//! it uses them ([`Aws::blobs`], [`Aws::wakeups`]). Each adapter is a trait
+//! object that links all its methods, so a function linking only what it
+//! calls is what keeps bootstraps small.
 
 mod dynamo;
 pub mod lambda;
@@ -23,8 +26,7 @@ pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
 pub use sqs::{SqsJobs, done_receipts, lambda_event};
 pub use wake::{
-    APNS_APPLICATION_ENV, APNS_SANDBOX_APPLICATION_ENV, APNS_WAKE_LOC_KEY, FCM_APPLICATION_ENV, NoWakeups,
-    PUSH_SUBJECT_ENV, SnsWakeups, VAPID_PARAMETER_ENV, WakeSettings,
+    APNS_APPLICATION_ENV, APNS_SANDBOX_APPLICATION_ENV, APNS_WAKE_LOC_KEY, FCM_APPLICATION_ENV, PUSH_SUBJECT_ENV, SnsWakeups, VAPID_PARAMETER_ENV, WakeSettings,
 };
 /// The SDK crates, for callers that create resources or build clients.
 pub use {
@@ -33,7 +35,7 @@ pub use {
 };
 
 use courier_core::error::{Error, Result};
-use courier_core::ports::{Clock, SystemClock, Wakeups};
+use courier_core::ports::{Clock, SystemClock, Unwired};
 use courier_core::service::Ports;
 
 /// The names of the deployed resources, as `template.yaml` passes them in.
@@ -49,15 +51,18 @@ pub struct Names {
     pub keys_table: String,
     pub receipts_table: String,
     pub jobs_queue_url: String,
+    /// Wake-ups and push releases: their own queue, so a slow push service
+    /// holds up no delivery.
+    pub wakes_queue_url: String,
     pub media_bucket: String,
     /// The Management API endpoint, `https://{api}.execute-api.{region}.amazonaws.com/{stage}`.
     pub connections_endpoint: String,
 }
 
 /// Every environment variable [`Aws::from_env`] reads: [`Names::from_env`]'s
-/// twelve, then [`WakeSettings::from_env`]'s five. The template test checks
+/// thirteen, then [`WakeSettings::from_env`]'s five. The template test checks
 /// the template sets each.
-pub const ENV_VARS: [&str; 17] = [
+pub const ENV_VARS: [&str; 18] = [
     "COURIER_CHATS_TABLE",
     "COURIER_PARTICIPANTS_TABLE",
     "COURIER_DEVICES_TABLE",
@@ -68,6 +73,7 @@ pub const ENV_VARS: [&str; 17] = [
     "COURIER_KEYS_TABLE",
     "COURIER_RECEIPTS_TABLE",
     "COURIER_JOBS_QUEUE_URL",
+    "COURIER_WAKES_QUEUE_URL",
     "COURIER_MEDIA_BUCKET",
     "COURIER_CONNECTIONS_ENDPOINT",
     FCM_APPLICATION_ENV,
@@ -95,12 +101,14 @@ impl Names {
             keys_table: var(ENV_VARS[7])?,
             receipts_table: var(ENV_VARS[8])?,
             jobs_queue_url: var(ENV_VARS[9])?,
-            media_bucket: var(ENV_VARS[10])?,
-            connections_endpoint: var(ENV_VARS[11])?,
+            wakes_queue_url: var(ENV_VARS[10])?,
+            media_bucket: var(ENV_VARS[11])?,
+            connections_endpoint: var(ENV_VARS[12])?,
         })
     }
 
     /// Names with a common prefix, for tests and the local AWS topology.
+    /// Wake-ups share the jobs queue unless [`Names::wakes_queue_url`] is set after.
     pub fn prefixed(prefix: &str, jobs_queue_url: &str, connections_endpoint: &str) -> Self {
         Self {
             chats_table: format!("{prefix}-chats"),
@@ -113,6 +121,7 @@ impl Names {
             keys_table: format!("{prefix}-keys"),
             receipts_table: format!("{prefix}-receipts"),
             jobs_queue_url: jobs_queue_url.to_owned(),
+            wakes_queue_url: jobs_queue_url.to_owned(),
             media_bucket: format!("{prefix}-media"),
             connections_endpoint: connections_endpoint.to_owned(),
         }
@@ -130,13 +139,12 @@ pub struct Aws {
     pub names: Names,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub sqs: aws_sdk_sqs::Client,
-    pub s3: aws_sdk_s3::Client,
     pub management: aws_sdk_apigatewaymanagement::Client,
-    /// Which push platforms [`Aws::ports`] wakes devices through: all off
+    /// Which push platforms [`Aws::wakeups`] wakes devices through: all off
     /// but from [`Aws::from_env`].
     pub wake: WakeSettings,
-    /// What the wake-up clients are built from, when [`Aws::sns_wakeups`] is
-    /// called: only the functions that wake devices build them.
+    /// What the S3, SNS and SSM clients are built from, when a function
+    /// asks for their adapter: only the functions that use them link them.
     config: aws_config::SdkConfig,
     interceptor: Option<SharedInterceptor>,
 }
@@ -157,20 +165,16 @@ impl Aws {
     fn build(config: &aws_config::SdkConfig, names: Names, interceptor: Option<SharedInterceptor>) -> Self {
         let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(config);
         let mut sqs = aws_sdk_sqs::config::Builder::from(config);
-        // Path-style URLs, so presigned URLs work against emulators and dotted bucket names.
-        let mut s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(true);
         let mut management = aws_sdk_apigatewaymanagement::config::Builder::from(config)
             .endpoint_url(&names.connections_endpoint);
         if let Some(interceptor) = &interceptor {
             dynamodb.push_interceptor(interceptor.clone());
             sqs.push_interceptor(interceptor.clone());
-            s3.push_interceptor(interceptor.clone());
             management.push_interceptor(interceptor.clone());
         }
         Self {
             dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
             sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
-            s3: aws_sdk_s3::Client::from_conf(s3.build()),
             management: aws_sdk_apigatewaymanagement::Client::from_conf(management.build()),
             names,
             wake: WakeSettings::default(),
@@ -187,26 +191,38 @@ impl Aws {
         Ok(Self { wake, ..Self::new(&config, names) })
     }
 
-    /// The ports of the deployed shape, waking devices through SNS and Web Push.
-    pub fn ports(&self) -> Ports {
-        self.ports_with_clock(Arc::new(SystemClock))
+    /// An S3 client of this config, watched as the others are.
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        // Path-style URLs, so presigned URLs work against emulators and dotted bucket names.
+        let mut s3 = aws_sdk_s3::config::Builder::from(&self.config).force_path_style(true);
+        if let Some(interceptor) = &self.interceptor {
+            s3.push_interceptor(interceptor.clone());
+        }
+        aws_sdk_s3::Client::from_conf(s3.build())
     }
 
-    pub fn ports_with_clock(&self, clock: Arc<dyn Clock>) -> Ports {
-        self.ports_with(clock, Arc::new(self.sns_wakeups()))
+    /// The DynamoDB tables, behind every table port.
+    pub fn tables(&self) -> Arc<DynamoTables> {
+        Arc::new(DynamoTables::new(self.dynamodb.clone(), self.names.clone()))
     }
 
-    /// The wake-ups of [`Aws::wake`], over clients of this config (watched as the others are).
-    pub fn sns_wakeups(&self) -> SnsWakeups {
-        SnsWakeups::new(&self.config, self.interceptor.clone(), self.wake.clone())
+    /// The media bucket.
+    pub fn blobs(&self) -> Arc<S3Blobs> {
+        Arc::new(S3Blobs::new(self.s3(), self.names.media_bucket.clone()))
     }
 
-    /// The ports with these wake-ups. A binary that builds its ports only
-    /// this way, with a [`NoWakeups`], links no SNS, SSM or Web Push code:
-    /// [`Aws::ports`] names [`SnsWakeups`], whose methods every binary that
-    /// calls it carries, called or not.
-    pub fn ports_with(&self, clock: Arc<dyn Clock>, wakeups: Arc<dyn Wakeups>) -> Ports {
-        let tables = Arc::new(DynamoTables::new(self.dynamodb.clone(), self.names.clone()));
+    /// Wake-ups through SNS and Web Push, over clients of this config
+    /// (watched as the others are).
+    pub fn wakeups(&self) -> Arc<SnsWakeups> {
+        Arc::new(SnsWakeups::new(&self.config, self.interceptor.clone(), self.wake.clone()))
+    }
+
+    /// What every command calls: the tables, the queues and pushes to
+    /// connections. Blobs and wake-ups are [`Unwired`]: a function whose
+    /// command uses them sets them.
+    pub fn tables_ports(&self, clock: Arc<dyn Clock>) -> Ports {
+        let tables = self.tables();
+        let names = &self.names;
         Ports {
             chats: tables.clone(),
             devices: tables.clone(),
@@ -215,12 +231,27 @@ impl Aws {
             quotas: tables.clone(),
             keys: tables.clone(),
             receipts: tables,
-            wakeups,
-            blobs: Arc::new(S3Blobs::new(self.s3.clone(), self.names.media_bucket.clone())),
+            wakeups: Arc::new(Unwired),
+            blobs: Arc::new(Unwired),
             push: Arc::new(ApiGatewayPush::new(self.management.clone())),
-            jobs: Arc::new(SqsJobs::new(self.sqs.clone(), self.names.jobs_queue_url.clone(), clock.clone())),
+            jobs: Arc::new(SqsJobs::new(
+                self.sqs.clone(),
+                names.jobs_queue_url.clone(),
+                names.wakes_queue_url.clone(),
+                clock.clone(),
+            )),
             clock,
         }
+    }
+
+    /// Every adapter of the deployed shape: for one process serving every
+    /// command (courier-local's `--backend aws`, the tests).
+    pub fn ports(&self) -> Ports {
+        self.ports_with_clock(Arc::new(SystemClock))
+    }
+
+    pub fn ports_with_clock(&self, clock: Arc<dyn Clock>) -> Ports {
+        Ports { blobs: self.blobs(), wakeups: self.wakeups(), ..self.tables_ports(clock) }
     }
 }
 

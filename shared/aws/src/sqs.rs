@@ -1,4 +1,4 @@
-//! `SqsJobs`: the job queue on SQS. Its consumer is the `deliver` Lambda.
+//! `SqsJobs`: the job queues on SQS. Their consumers are the `deliver` and `wake` Lambdas.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +16,15 @@ const MAX_DELAY: Duration = Duration::from_secs(900);
 #[derive(Clone)]
 pub struct SqsJobs {
     client: aws_sdk_sqs::Client,
-    queue_url: String,
+    jobs_url: String,
+    /// Where jobs that talk to push services go ([`Job::is_push_service`]).
+    wakes_url: String,
     _clock: Arc<dyn Clock>,
 }
 
 impl SqsJobs {
-    pub fn new(client: aws_sdk_sqs::Client, queue_url: String, clock: Arc<dyn Clock>) -> Self {
-        Self { client, queue_url, _clock: clock }
+    pub fn new(client: aws_sdk_sqs::Client, jobs_url: String, wakes_url: String, clock: Arc<dyn Clock>) -> Self {
+        Self { client, jobs_url, wakes_url, _clock: clock }
     }
 }
 
@@ -32,7 +34,7 @@ impl Jobs for SqsJobs {
         let body = serde_json::to_string(job).map_err(Error::internal)?;
         self.client
             .send_message()
-            .queue_url(&self.queue_url)
+            .queue_url(if job.is_push_service() { &self.wakes_url } else { &self.jobs_url })
             .message_body(body)
             .delay_seconds(delay.min(MAX_DELAY).as_secs() as i32)
             .send()

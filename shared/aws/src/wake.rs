@@ -53,7 +53,7 @@ pub const PUSH_SUBJECT_ENV: &str = "COURIER_PUSH_SUBJECT";
 const WAKE_TTL: Duration = Duration::from_secs(28 * 24 * 60 * 60);
 
 /// How long one SNS call may take before it is abandoned as a retryable
-/// failure, well within the deliver function's 30 s.
+/// failure, well within the wake function's 30 s.
 const SNS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What turns each platform on: the stack's parameters, through the environment.
@@ -407,35 +407,6 @@ fn bad_request(message: &str) -> Error {
     Error::BadRequest(message.to_owned())
 }
 
-/// The `Wakeups` of a function built without push: it serves no platform and
-/// refuses every call. A function whose code never wakes nor releases a
-/// registration (every command but registerPush, unregisterPush,
-/// removeDevice and deleteAccount; connect, disconnect, fanout) takes it
-/// through [`crate::Aws::ports_with`], so its binary need not link SNS, SSM
-/// and Web Push; its role has no grant for them either, so a call that
-/// reached here by mistake would have failed at AWS anyway.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoWakeups;
-
-#[async_trait]
-impl Wakeups for NoWakeups {
-    fn serves(&self, _platform: Platform) -> bool {
-        false
-    }
-
-    async fn prepare(&self, _: PushRegistration, _: Option<&PushRegistration>) -> Result<PushRegistration> {
-        Err(Error::internal("this function is built without push"))
-    }
-
-    async fn wake(&self, _: &UserId, _: &DeviceId, _: &PushRegistration) -> Result<Woken> {
-        Err(Error::internal("this function is built without push"))
-    }
-
-    async fn release(&self, _: &PushRegistration) -> Result<()> {
-        Err(Error::internal("this function is built without push"))
-    }
-}
-
 /// What is published for one wake-up.
 #[derive(Debug, PartialEq)]
 struct WakeMessage {
@@ -574,24 +545,5 @@ mod tests {
             assert_eq!(attribute(ttl), Some("2419200"));
         }
         assert_ne!(wake_message(Platform::Fcm, "token-b"), fcm, "collapsed per token");
-    }
-
-    #[tokio::test]
-    async fn a_function_without_push_serves_nothing_and_refuses_every_call() {
-        let registration = PushRegistration {
-            platform: Platform::Fcm,
-            address: "t".into(),
-            keys: None,
-            endpoint: Some("arn:aws:sns:eu-west-1:123456789012:endpoint/GCM/courier/x".into()),
-        };
-        let none = NoWakeups;
-        for platform in [Platform::Fcm, Platform::Apns, Platform::ApnsSandbox, Platform::WebPush] {
-            assert!(!none.serves(platform));
-        }
-        assert!(none.prepare(registration.clone(), None).await.is_err());
-        let (user, device) = (UserId::try_from("u").unwrap(), DeviceId::try_from("d").unwrap());
-        assert!(none.wake(&user, &device, &registration).await.is_err());
-        // An endpoint it cannot delete is an error the caller logs, not a silent leak.
-        assert!(none.release(&registration).await.is_err());
     }
 }

@@ -16,11 +16,11 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 
 use courier_aws::lambda;
-use courier_aws::{DynamoTables, Names, NoWakeups, S3Blobs, SqsJobs};
+use courier_aws::{DynamoTables, Names, S3Blobs, SqsJobs};
 use courier_core::domain::{Caller, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Clock, Posted, Push, SystemClock};
+use courier_core::ports::{Clock, Posted, Push, SystemClock, Unwired};
 use courier_core::protocol::{CreateChat, SendMessage, Sync};
 use courier_core::service::{Courier, Ports};
 use courier_testkit::moto::{self, MotoServer};
@@ -195,10 +195,10 @@ impl World {
             keys: tables.clone(),
             receipts: tables,
             // No device here registers for push.
-            wakeups: Arc::new(NoWakeups),
+            wakeups: Arc::new(Unwired),
             blobs: Arc::new(S3Blobs::new(aws_sdk_s3::Client::new(&config), names.media_bucket.clone())),
             push: pushes.clone(),
-            jobs: Arc::new(SqsJobs::new(sqs.clone(), queue.clone(), clock.clone())),
+            jobs: Arc::new(SqsJobs::new(sqs.clone(), queue.clone(), queue.clone(), clock.clone())),
             clock,
         };
         let courier = Courier::new(ports, Limits::default());

@@ -4,6 +4,8 @@
 //! Adapters are named `<Tech><Port>`: `SqliteStore` implements the table
 //! ports locally, the DynamoDB adapters implement them deployed.
 
+mod unwired;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -13,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{Chat, Device, InboxKey, Millis};
 use crate::error::Result;
 use crate::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, MessageId, UserId};
+
+pub use unwired::Unwired;
 
 #[async_trait]
 pub trait ChatStore: Send + Sync {
@@ -460,6 +464,20 @@ pub enum Job {
     /// Finish a fan-out if the send path did not mark it done.
     #[serde(rename_all = "camelCase")]
     FinishFanout { chat_id: ChatId, message_id: MessageId },
+    /// Let go of what a dropped push registration holds at the push
+    /// service (its SNS endpoint): queued, so a failure is retried and the
+    /// command that dropped it needs no push client.
+    #[serde(rename_all = "camelCase")]
+    Release { registration: PushRegistration },
+}
+
+impl Job {
+    /// Wake-ups and releases talk to push services, whose failures and
+    /// slowness must not hold up deliveries: deployed, they have a queue
+    /// (and a function) of their own.
+    pub fn is_push_service(&self) -> bool {
+        matches!(self, Job::Wake { .. } | Job::Release { .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,7 +67,8 @@ enum Answer {
     Unavailable,
 }
 
-/// Records wake-ups and released registrations (by address); serves every platform.
+/// Records wake-ups and released registrations (by address); serves every
+/// platform, and gives each registration an endpoint to release, as SNS does.
 #[derive(Default)]
 struct Waker {
     woken: Mutex<Vec<(String, String)>>,
@@ -97,7 +98,7 @@ impl Wakeups for Waker {
         registration: PushRegistration,
         _: Option<&PushRegistration>,
     ) -> Result<PushRegistration> {
-        Ok(registration)
+        Ok(PushRegistration { endpoint: Some(format!("endpoint/{}", registration.address)), ..registration })
     }
     async fn wake(&self, user: &UserId, device: &DeviceId, registration: &PushRegistration) -> Result<Woken> {
         let answer = *self.answer.lock().unwrap();
@@ -504,6 +505,8 @@ async fn a_device_without_a_connection_is_woken_once_until_it_connects_or_the_wi
     assert_eq!(w.wake.woken(&bob).len(), 3);
 
     w.courier.unregister_push(&bob, UnregisterPush {}).await.unwrap();
+    assert!(w.wake.released.lock().unwrap().is_empty(), "released through the queue");
+    w.run_jobs().await;
     assert_eq!(*w.wake.released.lock().unwrap(), vec!["https://push.example/bob"]);
     w.device("bob", "p").await;
     w.courier.disconnect(&bob.connection).await.unwrap();
@@ -525,6 +528,7 @@ async fn a_gone_registration_is_forgotten_and_a_temporary_failure_is_retried_onc
     w.send(&alice, &chat, "one").await;
     assert!(w.run_jobs().await.is_empty(), "a gone registration is no failure");
     assert_eq!(w.registration(&bob).await, None, "forgotten");
+    w.run_jobs().await;
     assert_eq!(*w.wake.released.lock().unwrap(), vec!["https://push.example/old"]);
     w.device("bob", "p").await;
     w.courier.disconnect(&bob.connection).await.unwrap();
@@ -566,6 +570,7 @@ async fn removing_expiring_or_deleting_a_device_releases_its_registration() {
     w.courier.disconnect(&carol.connection).await.unwrap();
     w.clock.advance(30 * DAY_MS + 1);
     w.courier.cleanup().await.unwrap();
+    w.run_jobs().await;
     let mut released = w.wake.released.lock().unwrap().clone();
     released.sort();
     assert_eq!(

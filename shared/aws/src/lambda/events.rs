@@ -52,17 +52,21 @@ pub async fn fanout(courier: &Courier, event: StreamEvent, check_after: Duration
     response
 }
 
-/// `deliver`: runs the jobs of an SQS batch. A job that fails retryably is
-/// reported, so SQS redelivers only it (and after maxReceiveCount moves it
-/// to the dead-letter queue; the message still waits in the inbox). One that
-/// fails for good is logged and dropped.
+/// `deliver`: runs the jobs of an SQS batch, at once: a batch of jobs
+/// waiting on as many services takes as long as its slowest. A job that
+/// fails retryably is reported, so SQS redelivers only it (and after
+/// maxReceiveCount moves it to the dead-letter queue; the message still
+/// waits in the inbox). One that fails for good is logged and dropped.
 pub async fn deliver(courier: &Courier, event: SqsEvent) -> SqsBatchResponse {
-    let mut response = SqsBatchResponse::default();
-    for message in event.records {
-        let outcome = match serde_json::from_str::<Job>(message.body.as_deref().unwrap_or_default()) {
+    let outcomes = futures_util::future::join_all(event.records.iter().map(|message| async move {
+        match serde_json::from_str::<Job>(message.body.as_deref().unwrap_or_default()) {
             Ok(job) => courier.run_job(&job).await,
             Err(e) => Err(Error::internal(e)),
-        };
+        }
+    }))
+    .await;
+    let mut response = SqsBatchResponse::default();
+    for (message, outcome) in event.records.iter().zip(outcomes) {
         match outcome {
             Ok(()) => {}
             Err(e) if e.is_retryable() => {
@@ -75,6 +79,12 @@ pub async fn deliver(courier: &Courier, event: SqsEvent) -> SqsBatchResponse {
         }
     }
     response
+}
+
+/// `wake`: the wake-up queue's batches (wake-ups, SNS endpoint releases),
+/// run as `deliver` runs the job queue's.
+pub async fn wake(courier: &Courier, event: SqsEvent) -> SqsBatchResponse {
+    deliver(courier, event).await
 }
 
 /// `cleanup`: what TTL cannot do (devices unseen for 30 days with their inboxes).

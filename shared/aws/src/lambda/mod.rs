@@ -28,7 +28,7 @@ use serde_json::Value;
 pub use connection::{
     AUTHORIZER_DEVICE, AUTHORIZER_USER, authorizer, authorizer_context, connect, disconnect,
 };
-pub use events::{cleanup, deliver, fanout};
+pub use events::{cleanup, deliver, fanout, wake};
 
 pub type WsEvent = ApiGatewayWebsocketProxyRequest;
 pub type WsResponse = ApiGatewayProxyResponse;

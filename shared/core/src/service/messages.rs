@@ -208,6 +208,7 @@ impl Courier {
             }
             Job::FinishFanout { chat_id, message_id } => self.finish_fanout(chat_id, message_id).await,
             Job::Wake { devices } => self.wake(devices).await,
+            Job::Release { registration } => self.ports.wakeups.release(registration).await,
         }
     }
 

@@ -76,10 +76,15 @@ impl Courier {
     }
 
     /// Lets go of what a registration holds at the push service (an SNS
-    /// endpoint). Logged, not returned: the registration is gone either way.
+    /// endpoint) through the queue. Logged, not returned: the registration
+    /// is gone either way, and at worst the endpoint outlives it.
     pub(super) async fn release(&self, registration: &PushRegistration) {
-        if let Err(e) = self.ports.wakeups.release(registration).await {
-            tracing::warn!(platform = registration.platform.name(), error = %e, "releasing a push registration failed");
+        if registration.endpoint.is_none() {
+            return;
+        }
+        let job = Job::Release { registration: registration.clone() };
+        if let Err(e) = self.ports.jobs.enqueue(&job, Duration::ZERO).await {
+            tracing::warn!(platform = registration.platform.name(), error = %e, "enqueueing a push release failed");
         }
     }
 
