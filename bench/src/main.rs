@@ -47,9 +47,12 @@ enum Scenario {
         /// Open loop: this many messages a second in all, spread over every device.
         #[arg(long, conflicts_with = "closed")]
         rate: Option<f64>,
-        /// Closed loop: each device keeps one message in flight to its peer (the default).
+        /// Closed loop: each device keeps --window messages in flight to its peer (the default).
         #[arg(long)]
         closed: bool,
+        /// Closed loop: messages each device keeps in flight to its peer.
+        #[arg(long, default_value_t = 1, conflicts_with = "rate")]
+        window: usize,
         #[command(flatten)]
         timing: Timing,
     },
@@ -143,6 +146,11 @@ struct Common {
     /// Bytes of each message body.
     #[arg(long, global = true, default_value_t = 64)]
     size: usize,
+    /// Courier receivers do not ack what they are pushed (by default they
+    /// ack as a real client does: up to 100 ids a frame, at most 250 ms
+    /// after the first one not yet acked).
+    #[arg(long, global = true)]
+    no_acks: bool,
     /// Tokio worker threads of the bench (it shares the machine with the server).
     #[arg(long, global = true, default_value_t = 2)]
     threads: usize,
@@ -170,8 +178,8 @@ impl Scenario {
 
     fn title(&self) -> String {
         match self {
-            Scenario::OneToOne { pairs, rate, timing, .. } => {
-                let load = rate.map_or("closed loop, 1 in flight per connection".to_owned(), |r| {
+            Scenario::OneToOne { pairs, rate, window, timing, .. } => {
+                let load = rate.map_or(format!("closed loop, {window} in flight per connection"), |r| {
                     format!("open loop at {r} msgs/s")
                 });
                 format!("one-to-one: {} devices, {load}, {} s", 2 * pairs, timing.duration)
@@ -219,8 +227,8 @@ impl Scenario {
     ) -> anyhow::Result<TargetResult> {
         let secs = Duration::from_secs_f64;
         match *self {
-            Scenario::OneToOne { pairs, rate, timing, .. } => {
-                let load = rate.map_or(Load::Closed, Load::Open);
+            Scenario::OneToOne { pairs, rate, window, timing, .. } => {
+                let load = rate.map_or(Load::Closed(window.max(1)), Load::Open);
                 scenarios::one_to_one(
                     server,
                     p,
@@ -364,7 +372,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let common = &cli.common;
     let params =
-        Params { secret: common.secret.clone(), size: common.size, concurrency: common.concurrency.max(1) };
+        Params {
+            secret: common.secret.clone(),
+            size: common.size,
+            concurrency: common.concurrency.max(1),
+            acks: !common.no_acks,
+        };
     let loadavg = || {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
@@ -455,11 +468,11 @@ fn parameters(cli: &Cli) -> serde_json::Value {
     let c = &cli.common;
     let mut p = json!({
         "targets": c.target, "url": c.url, "durability": c.durability, "size": c.size,
-        "threads": c.threads, "concurrency": c.concurrency,
+        "threads": c.threads, "concurrency": c.concurrency, "acks": !c.no_acks,
     });
     let scenario = match &cli.scenario {
-        Scenario::OneToOne { pairs, rate, timing, .. } => json!({
-            "pairs": pairs, "devices": 2 * pairs, "rate": rate, "closed": rate.is_none(),
+        Scenario::OneToOne { pairs, rate, window, timing, .. } => json!({
+            "pairs": pairs, "devices": 2 * pairs, "rate": rate, "closed": rate.is_none(), "window": window,
             "duration": timing.duration, "warmup": timing.warmup,
         }),
         Scenario::Group { members, window, timing } => json!({

@@ -22,6 +22,8 @@ pub struct Params {
     pub size: usize,
     /// Connection handshakes in flight at once while setting up.
     pub concurrency: usize,
+    /// Courier receivers ack what they are pushed, as a real client does.
+    pub acks: bool,
 }
 
 /// One device, connected but not yet split into halves.
@@ -91,13 +93,101 @@ pub async fn create_chat(creator: &mut Ws, others: &[String]) -> anyhow::Result<
     data["chatId"].as_str().map(str::to_owned).context("createChat answered without chatId")
 }
 
-/// Reads one device's frames until it closes: deliveries are timed, FAILUREs counted.
-async fn receive(who: usize, mut rx: Rx, stats: Arc<Stats>) {
-    while let Some(incoming) = rx.next().await {
+/// Ids a real client puts in one `ack` frame at most.
+const ACK_BATCH: usize = 100;
+/// How long a real client lets a pushed message wait for its ack at most.
+const ACK_DELAY: Duration = Duration::from_millis(250);
+
+/// The ids pushed to one device and not yet acked, and when they are due.
+#[derive(Default)]
+struct Acks {
+    ids: Vec<String>,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Acks {
+    fn push(&mut self, id: String) {
+        self.due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+        self.ids.push(id);
+    }
+
+    /// The `ack` frame for everything pending, and nothing pending after.
+    fn frame(&mut self) -> String {
+        self.due = None;
+        let ids = std::mem::take(&mut self.ids);
+        json!({ "action": "ack", "messageIds": ids }).to_string()
+    }
+}
+
+/// What a device sends besides its acks.
+enum Sends {
+    /// Nothing: a group member, or a sender whose own task sends.
+    Nothing,
+    /// The next message along the route after each delivery (the closed loop).
+    Reply(Route, usize),
+    /// A message along the route at each tick (the open loop).
+    Ticks(tokio::time::Interval, Route, usize),
+}
+
+/// Runs one device until its connection closes: deliveries are timed,
+/// FAILUREs counted, and, for a Courier device when `acks`, acked as a real
+/// client acks: [`ACK_BATCH`] ids a frame, [`ACK_DELAY`] after the first
+/// pending one at most. `tx` is `None` for a device whose sending half
+/// another task owns.
+async fn device(who: usize, mut tx: Option<Tx>, mut rx: Rx, stats: Arc<Stats>, acks: bool, mut sends: Sends) {
+    let mut pending = Acks::default();
+    loop {
+        let due = pending.due;
+        let tick = async {
+            match &mut sends {
+                Sends::Ticks(ticks, ..) => ticks.tick().await,
+                _ => std::future::pending().await,
+            }
+        };
+        let incoming = tokio::select! {
+            incoming = rx.next_acking() => incoming,
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                if let Some(tx) = &mut tx && tx.command(pending.frame()).await.is_err() {
+                    return stats.error(|| "ack failed".into());
+                }
+                continue;
+            }
+            _ = tick => {
+                let (Some(tx), Sends::Ticks(_, route, size)) = (&mut tx, &sends) else { continue };
+                if stats.stopped() {
+                    continue;
+                }
+                // The send instant is taken here, after the tick, so timer
+                // lag is not counted as server latency.
+                if tx.send(route, &stats::body(*size)).await.is_err() {
+                    return stats.error(|| "send failed".into());
+                }
+                stats.sent();
+                continue;
+            }
+        };
         match incoming {
-            Incoming::Delivery(at) => stats.delivered(who, at),
-            Incoming::Failure(frame) => stats.error(|| frame),
-            Incoming::Ack | Incoming::Other => {}
+            None => break,
+            Some((Incoming::Delivery(at), id)) => {
+                stats.delivered(who, at);
+                let Some(tx) = &mut tx else { continue };
+                if let Some(id) = id.filter(|_| acks) {
+                    pending.push(id);
+                    if pending.ids.len() >= ACK_BATCH && tx.command(pending.frame()).await.is_err() {
+                        return stats.error(|| "ack failed".into());
+                    }
+                }
+                if let Sends::Reply(route, size) = &sends
+                    && !stats.stopped()
+                {
+                    if tx.send(route, &stats::body(*size)).await.is_err() {
+                        return stats.error(|| "send failed".into());
+                    }
+                    stats.sent();
+                }
+            }
+            Some((Incoming::Failure(frame), _)) => stats.error(|| frame),
+            Some(_) => {}
         }
     }
     closed_early(&stats);
@@ -162,8 +252,8 @@ fn fill_common(result: &mut TargetResult, stats: &Stats, window: &Window, server
 pub enum Load {
     /// This many messages a second in all, spread evenly over the devices.
     Open(f64),
-    /// Every device keeps one message in flight to its peer.
-    Closed,
+    /// Every device keeps this many messages in flight to its peer.
+    Closed(usize),
 }
 
 /// `pairs` pairs of devices; each device sends to its peer and receives from it.
@@ -199,62 +289,34 @@ pub async fn one_to_one(
 
     let mut tasks = JoinSet::new();
     let senders = devices.len();
-    for (who, (device, route)) in devices.into_iter().zip(routes).enumerate() {
-        let (mut tx, rx) = device.split();
+    let acks = p.acks;
+    for (who, (opened, route)) in devices.into_iter().zip(routes).enumerate() {
+        let (mut tx, rx) = opened.split();
         let stats = stats.clone();
         let size = p.size;
         match load {
-            Load::Closed => {
+            Load::Closed(window) => {
                 // Each delivery from the peer is answered with the next message
-                // to it: one message in flight per connection, always.
+                // to it: `window` messages in flight per connection, always.
                 tasks.spawn(async move {
-                    let mut rx = rx;
-                    if tx.send(&route, &stats::body(size)).await.is_err() {
-                        return stats.error(|| "send failed".into());
-                    }
-                    stats.sent();
-                    while let Some(incoming) = rx.next().await {
-                        match incoming {
-                            Incoming::Delivery(at) => {
-                                stats.delivered(who, at);
-                                if stats.stopped() {
-                                    continue;
-                                }
-                                if tx.send(&route, &stats::body(size)).await.is_err() {
-                                    return stats.error(|| "send failed".into());
-                                }
-                                stats.sent();
-                            }
-                            Incoming::Failure(frame) => stats.error(|| frame),
-                            Incoming::Ack | Incoming::Other => {}
-                        }
-                    }
-                    closed_early(&stats);
-                });
-            }
-            Load::Open(rate) => {
-                tasks.spawn(receive(who, rx, stats.clone()));
-                // Each device sends every `senders / rate` seconds, the devices'
-                // ticks spread over that period so the load is smooth.
-                let period = Duration::from_secs_f64(senders as f64 / rate);
-                let offset = period.mul_f64(who as f64 / senders as f64);
-                tasks.spawn(async move {
-                    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-                    // Open loop: if we fall behind, catch up rather than slow down.
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                    loop {
-                        ticks.tick().await;
-                        if stats.stopped() {
-                            break;
-                        }
-                        // The send instant is taken here, after the tick, so
-                        // timer lag is not counted as server latency.
+                    for _ in 0..window {
                         if tx.send(&route, &stats::body(size)).await.is_err() {
                             return stats.error(|| "send failed".into());
                         }
                         stats.sent();
                     }
+                    device(who, Some(tx), rx, stats, acks, Sends::Reply(route, size)).await;
                 });
+            }
+            Load::Open(rate) => {
+                // Each device sends every `senders / rate` seconds, the devices'
+                // ticks spread over that period so the load is smooth.
+                let period = Duration::from_secs_f64(senders as f64 / rate);
+                let offset = period.mul_f64(who as f64 / senders as f64);
+                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                // Open loop: if we fall behind, catch up rather than slow down.
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                tasks.spawn(device(who, Some(tx), rx, stats, acks, Sends::Ticks(ticks, route, size)));
             }
         }
     }
@@ -297,10 +359,10 @@ pub async fn group(
     let (mut tx, sender_rx) = devices.next().context("a group has a sender")?.split();
     // The sender's own frames (Courier's SUCCESS, MQTT's PUBACK) must be read
     // too; for MQTT that polling is also what writes its publishes out.
-    tasks.spawn(receive(usize::MAX, sender_rx, stats.clone()));
-    for (who, device) in devices.enumerate() {
-        let (_, rx) = device.split();
-        tasks.spawn(receive(who, rx, stats.clone()));
+    tasks.spawn(device(usize::MAX, None, sender_rx, stats.clone(), false, Sends::Nothing));
+    for (who, member) in devices.enumerate() {
+        let (tx, rx) = member.split();
+        tasks.spawn(device(who, Some(tx), rx, stats.clone(), p.acks, Sends::Nothing));
     }
     let size = p.size;
     let sender_stats = stats.clone();
@@ -502,11 +564,11 @@ pub async fn idle(
     // MQTT clients must keep polling to answer keep-alives; WebSockets just sit.
     let mut tasks = JoinSet::new();
     let mut held = Vec::new();
-    for (who, device) in devices.into_iter().enumerate() {
-        match device {
+    for (who, opened) in devices.into_iter().enumerate() {
+        match opened {
             Device::Mqtt(mqtt) => {
                 let (_tx, rx) = mqtt.split();
-                tasks.spawn(receive(who, rx, stats.clone()));
+                tasks.spawn(device(who, None, rx, stats.clone(), false, Sends::Nothing));
             }
             ws => held.push(ws),
         }
@@ -530,4 +592,25 @@ pub async fn idle(
     tasks.abort_all();
     drop(held);
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acks_are_due_a_quarter_second_after_the_first_pending_id() {
+        let mut acks = Acks::default();
+        assert_eq!(acks.due, None, "nothing pending, nothing due");
+        let before = tokio::time::Instant::now();
+        acks.push("01A".into());
+        let due = acks.due.unwrap();
+        assert!(due >= before + ACK_DELAY && due <= tokio::time::Instant::now() + ACK_DELAY);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        acks.push("01B".into());
+        assert_eq!(acks.due, Some(due), "the first pending id sets the deadline");
+        let frame: Value = serde_json::from_str(&acks.frame()).unwrap();
+        assert_eq!(frame, json!({"action": "ack", "messageIds": ["01A", "01B"]}));
+        assert_eq!((acks.ids.len(), acks.due), (0, None), "all acked");
+    }
 }
