@@ -61,9 +61,10 @@ fn embedded(
     let store = SqliteStore::open(&config.data_dir.join("courier.db"), config.durability, clock.clone())?;
     let files = FileBlobs::open(&config.data_dir.join("blobs"), public_url)?;
     let ports = embedded::ports(&store, &files, push, wakeups, clock.clone());
-    // Pushes here go to in-process channels, not HTTP posts: no fan-out is
-    // big enough to be worth a trip through the job queue.
-    let limits = Limits { inline_push_limit: usize::MAX, ..config.limits.clone() };
+    // Pushes here go to in-process channels, not HTTP posts, to connections
+    // that die with this process: no fan-out is worth a trip through the job
+    // queue, and none is left for the feed to finish.
+    let limits = Limits { inline_push_limit: usize::MAX, connections_in_process: true, ..config.limits.clone() };
     let courier = Arc::new(Courier::new(ports, limits));
     let tasks = vec![
         embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),

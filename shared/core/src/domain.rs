@@ -32,6 +32,14 @@ pub struct Limits {
     pub url_ttl_ms: Millis,
     /// Fan-outs to more live connections than this go through the job queue.
     pub inline_push_limit: usize,
+    /// The connections live in this process (courier-local's embedded
+    /// shape): a push cannot be lost while its message survives, since when
+    /// the process dies its connections die with it and their devices sync
+    /// on reconnecting. A message is then pushed inline whatever its
+    /// fan-out and stored done: no delivery job, no done mark, nothing for a
+    /// feed to finish. Deployed, API Gateway holds the connections and a
+    /// Lambda that dies leaves them open, so the mark and the feed stay.
+    pub connections_in_process: bool,
     /// Daily quotas per user (see `ports::Quota`).
     pub max_pending_bytes_per_day: u64,
     pub max_attachment_bytes_per_day: u64,
@@ -71,6 +79,7 @@ impl Default for Limits {
             device_expiry_ms: 30 * DAY_MS,
             url_ttl_ms: 15 * 60 * 1000,
             inline_push_limit: 64,
+            connections_in_process: false,
             // A 16 KiB message to 99 people who have not installed the app
             // yet is 1.6 MB; this allows a dozen such a day.
             max_pending_bytes_per_day: 20 * 1024 * 1024,

@@ -127,6 +127,8 @@ pub trait MessageStore: Send + Sync {
     /// Durably stores the message and one inbox row per recipient, or finds
     /// the earlier message with the same dedupe key. After `Ok(Stored)`, the
     /// message reaches every recipient even if the process dies.
+    /// A message stored `fanned_out` is stored done: its row keeps no body
+    /// and no recipients, and no feed ever finishes it.
     async fn store(
         &self,
         message: &StoredMessage,

@@ -353,6 +353,18 @@ pub async fn messages(t: &Tables) {
     assert!(
         !t.messages.unfinished(NOW + 10, 100_000).await.unwrap().contains(&(chat.clone(), m1.id.clone()))
     );
+
+    // Stored done (connections in this process): the inboxes hold it, the
+    // message row keeps no text and no feed ever picks it up.
+    let m3 = StoredMessage { fanned_out: true, ..stored(&n, &chat, &a, &[b1.clone()], NOW + 2, "three") };
+    assert_eq!(t.messages.store(&m3, None, expires).await.unwrap(), Store::Stored);
+    let row = t.messages.message(&chat, &m3.id).await.unwrap().unwrap();
+    assert!(row.fanned_out && !row.json.contains("three"), "{row:?}");
+    assert!(
+        !t.messages.unfinished(NOW + 10, 100_000).await.unwrap().contains(&(chat.clone(), m3.id.clone()))
+    );
+    let held = t.messages.inbox_page(&b1, Some(&m2.id), 10, NOW).await.unwrap();
+    assert_eq!(held, vec![(m3.id.clone(), m3.json.clone())]);
 }
 
 pub async fn dedupe(t: &Tables) {

@@ -62,9 +62,13 @@ impl MessageStore for DynamoTables {
             chat_id: message.chat.clone(),
             message_id: message.id.clone(),
             timestamp: message.timestamp,
-            body: Some(message.json.clone()),
-            recipients: message.recipients.iter().map(InboxKey::key).collect(),
-            fanned_out: false,
+            // Stored done, the row is what the mark leaves of it.
+            body: (!message.fanned_out).then(|| message.json.clone()),
+            recipients: match message.fanned_out {
+                true => Vec::new(),
+                false => message.recipients.iter().map(InboxKey::key).collect(),
+            },
+            fanned_out: message.fanned_out,
             dedupe: dedupe.clone(),
             expires_at: expires,
         };

@@ -66,7 +66,10 @@ impl Courier {
             timestamp: now,
             json: serde_json::to_string(&message).map_err(Error::internal)?,
             recipients,
-            fanned_out: false,
+            // Stored done when nothing can be left to finish. Not with
+            // attachments: a retry after a crash between the store and the
+            // link reads them from the first send's body.
+            fanned_out: self.limits.connections_in_process && message.attachments.is_empty(),
         };
         let pending = stored.recipients.iter().filter(|r| matches!(r, InboxKey::Pending(_))).count();
         if pending > 0 {
@@ -107,7 +110,14 @@ impl Courier {
     /// Pushes to the recipients' live connections, inline for small fan-outs
     /// and through delivery jobs for large ones, then marks the message done.
     /// Failures leave the mark unset, so the feed finishes the work later.
+    /// A message stored done is only pushed (see `Limits::connections_in_process`).
     async fn fan_out(&self, message: &StoredMessage, targets: Vec<PushTarget>) {
+        if message.fanned_out {
+            if let Err(e) = self.push_message(&message.json, &targets).await {
+                tracing::warn!(message = %message.id, error = %e, "pushing failed; the inboxes keep it");
+            }
+            return;
+        }
         let deliver = |targets: Vec<PushTarget>| Job::Deliver {
             message_id: message.id.clone(),
             message: message.json.clone(),

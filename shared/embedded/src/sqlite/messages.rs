@@ -31,16 +31,22 @@ impl MessageStore for SqliteStore {
                 }
             }
             let recipients: Vec<String> = message.recipients.iter().map(InboxKey::key).collect();
+            // Stored done, the row is what the mark leaves of it.
+            let (body, listed) = match message.fanned_out {
+                true => (None, json(&Vec::<String>::new())),
+                false => (Some(message.json.as_str()), json(&recipients)),
+            };
             c.prepare_cached(
-                "INSERT INTO messages (chat_id, message_id, timestamp, body, recipients, dedupe, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO messages (chat_id, message_id, timestamp, body, recipients, fanned_out, dedupe, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 message.chat.as_str(),
                 message.id.as_str(),
                 message.timestamp,
-                message.json,
-                json(&recipients),
+                body,
+                listed,
+                message.fanned_out,
                 dedupe,
                 expires_at
             ])?;
