@@ -20,7 +20,7 @@ use courier_aws::{DynamoTables, Names, S3Blobs, SqsJobs};
 use courier_core::domain::{Caller, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Clock, Posted, Push, SystemClock, Unwired};
+use courier_core::ports::{Clock, MessageStore, Posted, Push, SystemClock, Unwired};
 use courier_core::protocol::{CreateChat, SendMessage, Sync};
 use courier_core::service::{Courier, Ports};
 use courier_testkit::moto::{self, MotoServer};
@@ -34,20 +34,29 @@ enum Failure {
     Throttle,
 }
 
-/// Fails the next `times` DynamoDB calls of one operation; counts the throttles sent.
+/// Fails DynamoDB calls of one operation (the next `times`, after letting
+/// `skip` through); counts the throttles sent.
 #[derive(Clone, Debug, Default)]
-struct Faults(Arc<Mutex<HashMap<&'static str, (Failure, usize)>>>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+struct Faults(Arc<Mutex<HashMap<&'static str, (Failure, usize, usize)>>>, Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl Faults {
     fn arm(&self, operation: &'static str, failure: Failure, times: usize) {
-        self.0.lock().unwrap().insert(operation, (failure, times));
+        self.arm_after(operation, 0, failure, times);
+    }
+
+    fn arm_after(&self, operation: &'static str, skip: usize, failure: Failure, times: usize) {
+        self.0.lock().unwrap().insert(operation, (failure, skip, times));
     }
 
     /// Takes one failure for this request's operation, if one is armed.
     fn take(&self, target: &str) -> Option<Failure> {
         let operation = target.rsplit('.').next()?;
         let mut armed = self.0.lock().unwrap();
-        let (failure, left) = armed.get_mut(operation)?;
+        let (failure, skip, left) = armed.get_mut(operation)?;
+        if *skip > 0 {
+            *skip -= 1;
+            return None;
+        }
         if *left == 0 {
             return None;
         }
@@ -302,6 +311,27 @@ async fn a_crash_between_the_message_row_and_the_inbox_rows_loses_nothing_on_ret
 }
 
 #[tokio::test]
+async fn a_crash_between_the_message_row_and_its_claim_delivers_only_the_retry() {
+    let w = World::new().await;
+    // The message row lands; the claim, the second put, never leaves.
+    w.faults.arm_after("PutItem", 1, Failure::Crash, 1);
+    assert!(w.send("hello", "c1").await.is_err(), "no SUCCESS without the claim");
+    let id = w.send("hello", "c1").await.unwrap();
+    assert_eq!(w.bobs_inbox().await, vec![id.clone()], "only the retry is in the inbox");
+    assert_eq!(w.send("hello", "c1").await.unwrap(), id, "and it holds the claim");
+    // The orphan row's stream record: unmarked, so the safety net looks,
+    // finds no inbox holding it, pushes nothing and marks it.
+    let messages = &w.courier.ports().messages;
+    let orphans = messages.unfinished(i64::MAX, 10).await.unwrap();
+    assert_eq!(orphans.len(), 1, "the first send's row: {orphans:?}");
+    assert_ne!(orphans[0].1.as_str(), id);
+    w.stream_sees(orphans[0].1.as_str()).await;
+    w.drain_queue().await;
+    assert_eq!(w.pushes_to_bob(), 1, "the retry's push only");
+    assert!(messages.unfinished(i64::MAX, 10).await.unwrap().is_empty(), "the orphan is marked");
+}
+
+#[tokio::test]
 async fn a_crash_after_success_and_before_the_push_is_finished_by_the_stream() {
     let w = World::new().await;
     w.pushes.script(&[Outcome::Die]);
@@ -345,7 +375,8 @@ async fn a_failing_or_throttled_push_is_retried_through_the_queue() {
 #[tokio::test]
 async fn throttled_dynamodb_calls_are_retried_by_the_sdk() {
     let w = World::new().await;
-    w.faults.arm("TransactWriteItems", Failure::Throttle, 1);
+    // The message row's put, and the inbox rows' batch.
+    w.faults.arm("PutItem", Failure::Throttle, 1);
     w.faults.arm("BatchWriteItem", Failure::Throttle, 1);
     let id = w.send("hello", "c1").await.unwrap();
     assert_eq!(w.faults.1.load(Ordering::SeqCst), 2, "both calls were throttled once");

@@ -3,14 +3,14 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use serde::Deserialize;
 use tracing::instrument;
 
 use super::batch::{delete_request, put_request};
 use super::rows::{DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, from_item, to_item};
 use super::{
-    DynamoTables, Item, cancellation_reasons, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs,
+    DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs,
     unique,
 };
 use crate::{SdkFailure, sdk_error};
@@ -72,83 +72,41 @@ impl MessageStore for DynamoTables {
             dedupe: dedupe.clone(),
             expires_at: expires,
         };
-        let item = to_item(&row)?;
-        match &dedupe {
-            Some(dedupe) => {
-                let claim = DedupeRow {
-                    chat_id: message.chat.clone(),
-                    message_id: dedupe.clone(),
-                    first_message_id: message.id.clone(),
-                    expires_at: expires,
-                };
-                let put_message = Put::builder()
-                    .table_name(table)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(messageId)")
-                    .build()
-                    .map_err(Error::internal)?;
-                // A claim past its expiry that TTL has not removed yet is free
-                // to take. The message's own time stands in for "now".
-                let put_claim = Put::builder()
-                    .table_name(table)
-                    .set_item(Some(to_item(&claim)?))
-                    .condition_expression("attribute_not_exists(messageId) OR expiresAt <= :now")
-                    .expression_attribute_values(":now", n(now_secs(message.timestamp)))
-                    .build()
-                    .map_err(Error::internal)?;
-                // The SDK sets a ClientRequestToken, so its own retries of
-                // this call cannot trip over their first attempt.
-                let written = self
-                    .client
-                    .transact_write_items()
-                    .transact_items(TransactWriteItem::builder().put(put_message).build())
-                    .transact_items(TransactWriteItem::builder().put(put_claim).build())
-                    .send()
-                    .await;
-                if let Err(e) = written {
-                    return match cancellation_reasons(&e).as_slice() {
-                        [_, "ConditionalCheckFailed"] => self.duplicate(&message.chat, dedupe).await,
-                        // A concurrent send with the same key (its retry finds
-                        // the winner), or throttling: worth another try. Not
-                        // sdk_error, which takes any cancelled transaction for
-                        // a bug; the error's message lists the reasons.
-                        r if r.iter().any(|c| {
-                            matches!(
-                                *c,
-                                "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
-                            )
-                        }) =>
-                        {
-                            Err(Error::unavailable(SdkFailure(e)))
-                        }
-                        _ => Err(sdk_error(e)),
-                    };
+        // The message row, then its claim: two conditional puts, half the
+        // units of one transaction of both. Whichever of two racing sends
+        // claims first is the message; the other deletes its row. A send
+        // that dies between the two leaves a row no inbox holds, which the
+        // stream's safety net finds unmarked, pushes to no one and marks.
+        let put = self
+            .client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(to_item(&row)?))
+            .condition_expression("attribute_not_exists(messageId)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => {}
+            // The SDK retried a put whose first attempt landed: the row is
+            // ours, and the claim and the inbox rows below are still due.
+            Err(e) if condition_failed(&e) => {
+                let ours = self.message(&message.chat, &message.id).await?.is_some_and(|m| {
+                    m.timestamp == message.timestamp && (m.fanned_out || m.json == message.json)
+                });
+                if !ours {
+                    return Err(Error::internal(format!("message id {} is taken", message.id)));
                 }
             }
-            None => {
-                let put = self
-                    .client
-                    .put_item()
-                    .table_name(table)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(messageId)")
-                    .send()
-                    .await;
-                match put {
-                    Ok(_) => {}
-                    // The SDK retried a put whose first attempt landed: the
-                    // row is ours, and the inbox rows below are still due.
-                    Err(e) if condition_failed(&e) => {
-                        let ours = self.message(&message.chat, &message.id).await?.is_some_and(|m| {
-                            m.timestamp == message.timestamp && (m.fanned_out || m.json == message.json)
-                        });
-                        if !ours {
-                            return Err(Error::internal(format!("message id {} is taken", message.id)));
-                        }
-                    }
-                    Err(e) => return Err(sdk_error(e)),
-                }
-            }
+            Err(e) => return Err(sdk_error(e)),
+        }
+        if let Some(dedupe) = &dedupe
+            && let Some(first) = self.claim(message, dedupe, expires).await?
+        {
+            // Lost to an earlier send with the same key: this row was never
+            // answered, nor will it be. If the delete fails, the safety net
+            // marks it, and TTL takes it.
+            self.forget(&message.chat, &message.id).await;
+            return self.duplicate(&message.chat, dedupe, first).await;
         }
         self.put_inbox_rows(&message.id, &message.json, &message.recipients, expires).await?;
         Ok(Store::Stored)
@@ -433,25 +391,73 @@ impl DynamoTables {
     /// died between its message row and its inbox rows left the message
     /// unfanned; its inbox rows are put (again, idempotently) so the retry's
     /// success is true.
-    async fn duplicate(&self, chat: &ChatId, dedupe: &str) -> Result<Store> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.names.messages_table)
-            .set_key(Some(key([("chatId", chat.as_str()), ("messageId", dedupe)])))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        let Some(item) = out.item else {
-            return Err(Error::unavailable("the dedupe row vanished; retry"));
+    /// Claims `dedupe` for `message`; answers the claim that stands in its
+    /// way, or `None` when the claim is this message's (new, or an SDK retry
+    /// of a claim that landed). A claim past its expiry that TTL has not
+    /// removed yet is free to take; the message's own time stands in for now.
+    async fn claim(&self, message: &StoredMessage, dedupe: &str, expires: i64) -> Result<Option<DedupeRow>> {
+        let claim = DedupeRow {
+            chat_id: message.chat.clone(),
+            message_id: dedupe.to_owned(),
+            first_message_id: message.id.clone(),
+            expires_at: expires,
         };
-        let row: DedupeRow = from_item(item)?;
-        let Some(first) = self.message(chat, &row.first_message_id).await? else {
-            return Err(Error::unavailable("the deduped message is gone; retry"));
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.names.messages_table)
+            .set_item(Some(to_item(&claim)?))
+            .condition_expression("attribute_not_exists(messageId) OR expiresAt <= :now")
+            .expression_attribute_values(":now", n(now_secs(message.timestamp)))
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(None),
+            Err(e) if condition_failed(&e) => {
+                let out = self
+                    .client
+                    .get_item()
+                    .table_name(&self.names.messages_table)
+                    .set_key(Some(key([("chatId", message.chat.as_str()), ("messageId", dedupe)])))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                let Some(item) = out.item else {
+                    return Err(Error::unavailable("the dedupe row vanished; retry"));
+                };
+                let row: DedupeRow = from_item(item)?;
+                Ok((row.first_message_id != message.id).then_some(row))
+            }
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
+    /// Deletes a message row nobody was told of. Logged, not returned.
+    async fn forget(&self, chat: &ChatId, id: &MessageId) {
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.names.messages_table)
+            .set_key(Some(key([("chatId", chat.as_str()), ("messageId", id.as_str())])))
+            .send()
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(%chat, message = %id, error = %SdkFailure(e), "deleting a deduped message row failed");
+        }
+    }
+
+    /// The earlier send that holds the claim, with its inbox rows put again
+    /// unless its fan-out is done: the send that claimed it may have died
+    /// before writing them.
+    async fn duplicate(&self, chat: &ChatId, dedupe: &str, claim: DedupeRow) -> Result<Store> {
+        let Some(first) = self.message(chat, &claim.first_message_id).await? else {
+            // Claims are made after their message row: its sender is still
+            // writing, or it is expired.
+            return Err(Error::unavailable(format!("the message behind {dedupe} is not readable yet; retry")));
         };
         if !first.fanned_out {
-            self.put_inbox_rows(&first.id, &first.json, &first.recipients, row.expires_at).await?;
+            self.put_inbox_rows(&first.id, &first.json, &first.recipients, claim.expires_at).await?;
         }
         Ok(Store::Duplicate(first))
     }
