@@ -371,13 +371,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         _ => targets,
     };
     let common = &cli.common;
-    let params =
-        Params {
-            secret: common.secret.clone(),
-            size: common.size,
-            concurrency: common.concurrency.max(1),
-            acks: !common.no_acks,
-        };
+    let params = Params {
+        secret: common.secret.clone(),
+        size: common.size,
+        concurrency: common.concurrency.max(1),
+        acks: !common.no_acks,
+    };
     let loadavg = || {
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()

@@ -50,10 +50,7 @@ impl Backend {
         let sqs = courier_aws::aws_sdk_sqs::Client::new(config);
         let jobs = create_queue(&sqs, &format!("{prefix}-jobs")).await?;
         let wakes = create_queue(&sqs, &format!("{prefix}-wakes")).await?;
-        let names = Names {
-            wakes_queue_url: wakes,
-            ..Names::prefixed(prefix, &jobs, connections_endpoint)
-        };
+        let names = Names { wakes_queue_url: wakes, ..Names::prefixed(prefix, &jobs, connections_endpoint) };
         let mut aws = match watcher {
             Some(watcher) => Aws::watched(config, names, watcher),
             None => Aws::new(config, names),

@@ -64,7 +64,8 @@ fn embedded(
     // Pushes here go to in-process channels, not HTTP posts, to connections
     // that die with this process: no fan-out is worth a trip through the job
     // queue, and none is left for the feed to finish.
-    let limits = Limits { inline_push_limit: usize::MAX, connections_in_process: true, ..config.limits.clone() };
+    let limits =
+        Limits { inline_push_limit: usize::MAX, connections_in_process: true, ..config.limits.clone() };
     let courier = Arc::new(Courier::new(ports, limits));
     let tasks = vec![
         embedded::spawn_job_runner(store.clone(), courier.clone(), clock.clone()),

@@ -26,7 +26,8 @@ pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
 pub use sqs::{SqsJobs, done_receipts, lambda_event};
 pub use wake::{
-    APNS_APPLICATION_ENV, APNS_SANDBOX_APPLICATION_ENV, APNS_WAKE_LOC_KEY, FCM_APPLICATION_ENV, PUSH_SUBJECT_ENV, SnsWakeups, VAPID_PARAMETER_ENV, WakeSettings,
+    APNS_APPLICATION_ENV, APNS_SANDBOX_APPLICATION_ENV, APNS_WAKE_LOC_KEY, FCM_APPLICATION_ENV,
+    PUSH_SUBJECT_ENV, SnsWakeups, VAPID_PARAMETER_ENV, WakeSettings,
 };
 /// The SDK crates, for callers that create resources or build clients.
 pub use {

@@ -23,7 +23,12 @@ pub struct SqsJobs {
 }
 
 impl SqsJobs {
-    pub fn new(client: aws_sdk_sqs::Client, jobs_url: String, wakes_url: String, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        client: aws_sdk_sqs::Client,
+        jobs_url: String,
+        wakes_url: String,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self { client, jobs_url, wakes_url, _clock: clock }
     }
 }

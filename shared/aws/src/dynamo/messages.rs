@@ -9,10 +9,7 @@ use tracing::instrument;
 
 use super::batch::{delete_request, put_request};
 use super::rows::{DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, from_item, to_item};
-use super::{
-    DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs,
-    unique,
-};
+use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs, unique};
 use crate::{SdkFailure, sdk_error};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::{Error, Result};
@@ -454,7 +451,9 @@ impl DynamoTables {
         let Some(first) = self.message(chat, &claim.first_message_id).await? else {
             // Claims are made after their message row: its sender is still
             // writing, or it is expired.
-            return Err(Error::unavailable(format!("the message behind {dedupe} is not readable yet; retry")));
+            return Err(Error::unavailable(format!(
+                "the message behind {dedupe} is not readable yet; retry"
+            )));
         };
         if !first.fanned_out {
             self.put_inbox_rows(&first.id, &first.json, &first.recipients, claim.expires_at).await?;
