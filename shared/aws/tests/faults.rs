@@ -20,7 +20,7 @@ use courier_aws::{DynamoTables, Names, S3Blobs, SqsJobs};
 use courier_core::domain::{Caller, Limits};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, ConnectionId, DeviceId, UserId};
-use courier_core::ports::{Clock, MessageStore, Posted, Push, SystemClock, Unwired};
+use courier_core::ports::{Clock, Posted, Push, SystemClock, Unwired};
 use courier_core::protocol::{CreateChat, SendMessage, Sync};
 use courier_core::service::{Courier, Ports};
 use courier_testkit::moto::{self, MotoServer};
@@ -37,7 +37,10 @@ enum Failure {
 /// Fails DynamoDB calls of one operation (the next `times`, after letting
 /// `skip` through); counts the throttles sent.
 #[derive(Clone, Debug, Default)]
-struct Faults(Arc<Mutex<HashMap<&'static str, (Failure, usize, usize)>>>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+struct Faults(Arc<Mutex<Armed>>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+/// Per operation: the failure, the calls to let through first, the calls to fail.
+type Armed = HashMap<&'static str, (Failure, usize, usize)>;
 
 impl Faults {
     fn arm(&self, operation: &'static str, failure: Failure, times: usize) {

@@ -356,7 +356,10 @@ pub async fn messages(t: &Tables) {
 
     // Stored done (connections in this process): the inboxes hold it, the
     // message row keeps no text and no feed ever picks it up.
-    let m3 = StoredMessage { fanned_out: true, ..stored(&n, &chat, &a, &[b1.clone()], NOW + 2, "three") };
+    let m3 = StoredMessage {
+        fanned_out: true,
+        ..stored(&n, &chat, &a, std::slice::from_ref(&b1), NOW + 2, "three")
+    };
     assert_eq!(t.messages.store(&m3, None, expires).await.unwrap(), Store::Stored);
     let row = t.messages.message(&chat, &m3.id).await.unwrap().unwrap();
     assert!(row.fanned_out && !row.json.contains("three"), "{row:?}");
