@@ -1,9 +1,8 @@
 //! What every Courier Lambda shares: logging, and the service context built
 //! once at cold start from the environment `template.yaml` sets.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_aws::Aws;
 use courier_core::auth::Verifier;

@@ -411,23 +411,30 @@ impl DynamoTables {
         match put {
             Ok(_) => Ok(None),
             Err(e) if condition_failed(&e) => {
-                let out = self
-                    .client
-                    .get_item()
-                    .table_name(&self.names.messages_table)
-                    .set_key(Some(key([("chatId", message.chat.as_str()), ("messageId", dedupe)])))
-                    .consistent_read(true)
-                    .send()
-                    .await
-                    .map_err(sdk_error)?;
-                let Some(item) = out.item else {
-                    return Err(Error::unavailable("the dedupe row vanished; retry"));
-                };
-                let row: DedupeRow = from_item(item)?;
+                let at = key([("chatId", message.chat.as_str()), ("messageId", dedupe)]);
+                let row: DedupeRow = self.standing_claim(&self.names.messages_table, at).await?;
                 Ok((row.first_message_id != message.id).then_some(row))
             }
             Err(e) => Err(sdk_error(e)),
         }
+    }
+
+    /// The dedupe claim a conditional put just ran into, read back
+    /// consistently; one gone meanwhile (expired) is worth a retry.
+    async fn standing_claim<T: serde::de::DeserializeOwned>(&self, table: &str, at: Item) -> Result<T> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(at))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let Some(item) = out.item else {
+            return Err(Error::unavailable("the dedupe row vanished; retry"));
+        };
+        from_item(item)
     }
 
     /// Deletes a message row nobody was told of. Logged, not returned.
@@ -482,19 +489,8 @@ impl DynamoTables {
     /// What a sendToDevices with this dedupe key stored first; its inbox
     /// rows are written (again) if the claim still holds the batch.
     async fn device_duplicate(&self, partition: &str, client_message_id: &str) -> Result<MessageId> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.names.inbox_table)
-            .set_key(Some(key([("inbox", partition), ("messageId", client_message_id)])))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        let Some(item) = out.item else {
-            return Err(Error::unavailable("the dedupe row vanished; retry"));
-        };
-        let claim: DeviceDedupeRow = from_item(item)?;
+        let at = key([("inbox", partition), ("messageId", client_message_id)]);
+        let claim: DeviceDedupeRow = self.standing_claim(&self.names.inbox_table, at).await?;
         if let Some(items) = &claim.pending {
             self.put_device_items(&claim.first_message_id, items, claim.expires_at).await?;
             self.release_device_batch(partition, client_message_id).await?;
