@@ -424,8 +424,8 @@ pub async fn expiry(t: &Tables) {
     );
     assert!(t.messages.holders(&old.id, std::slice::from_ref(&inbox), NOW).await.unwrap().is_empty());
     assert!(
-        t.messages.expire_messages(NOW, 30 * DAY).await.unwrap() >= 2,
-        "the inbox row and the message row"
+        t.messages.expire_messages(NOW, 30 * DAY).await.unwrap() >= 1,
+        "what held the old message is deleted"
     );
     assert_eq!(t.messages.message(&chat, &old.id).await.unwrap(), None);
     assert!(t.messages.message(&chat, &fresh.id).await.unwrap().is_some());

@@ -4,7 +4,11 @@
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use std::sync::Mutex;
+
 use super::SqliteStore;
+use super::inboxes::Inboxes;
+use super::messages::drop_inbox;
 use super::rows::{from_json, id, json};
 use courier_core::domain::{Device, Millis};
 use courier_core::error::Result;
@@ -24,6 +28,7 @@ impl DeviceStore for SqliteStore {
     ) -> Result<Connected> {
         let owner = user.clone();
         let (user, device, connection) = (user.to_string(), device.to_string(), connection.to_string());
+        let inboxes = self.inner.inboxes.clone();
         let connected = self.write(move |c| {
             let existing: Option<(Option<String>, Millis)> = c
                 .query_row(
@@ -35,7 +40,7 @@ impl DeviceStore for SqliteStore {
             // A device unseen for too long has expired: it comes back as a new one, inbox and all gone.
             let existing = match existing {
                 Some((_, last_seen)) if last_seen < expired_before => {
-                    delete_device_rows(c, &user, &device)?;
+                    delete_device_rows(c, &inboxes, &user, &device)?;
                     None
                 }
                 other => other,
@@ -136,6 +141,7 @@ impl DeviceStore for SqliteStore {
 
     async fn remove_device(&self, user: &UserId, device: &DeviceId) -> Result<Option<Device>> {
         let (owner, user, device) = (user.clone(), user.clone(), device.clone());
+        let inboxes = self.inner.inboxes.clone();
         let removed = self
             .write(move |c| {
                 let found: Option<(Option<String>, Millis, Option<String>)> = c
@@ -146,7 +152,7 @@ impl DeviceStore for SqliteStore {
                     )
                     .optional()?;
                 let Some((connection, last_seen, push)) = found else { return Ok(None) };
-                delete_device_rows(c, user.as_str(), device.as_str())?;
+                delete_device_rows(c, &inboxes, user.as_str(), device.as_str())?;
                 Ok(Some(Device {
                     user,
                     id: device,
@@ -161,6 +167,7 @@ impl DeviceStore for SqliteStore {
     }
 
     async fn expire_devices(&self, before: Millis) -> Result<Vec<Device>> {
+        let inboxes = self.inner.inboxes.clone();
         let expired = self
             .write(move |c| {
                 let stale: Vec<(String, String, Millis, Option<String>)> = c
@@ -172,7 +179,7 @@ impl DeviceStore for SqliteStore {
                     .collect::<rusqlite::Result<_>>()?;
                 let mut expired = Vec::with_capacity(stale.len());
                 for (user, device, last_seen, push) in stale {
-                    delete_device_rows(c, &user, &device)?;
+                    delete_device_rows(c, &inboxes, &user, &device)?;
                     expired.push(Device {
                         user: id(user)?,
                         id: id(device)?,
@@ -315,9 +322,13 @@ fn every_device_of(c: &Connection, users: Vec<UserId>) -> rusqlite::Result<Vec<(
     Ok(all)
 }
 
-fn delete_device_rows(c: &Connection, user: &str, device: &str) -> rusqlite::Result<()> {
-    let inbox = format!("{user}#{device}");
-    c.execute("DELETE FROM inbox WHERE inbox = ?1", [&inbox])?;
+fn delete_device_rows(
+    c: &Connection,
+    inboxes: &Mutex<Inboxes>,
+    user: &str,
+    device: &str,
+) -> rusqlite::Result<()> {
+    drop_inbox(c, inboxes, &format!("{user}#{device}"))?;
     c.execute("DELETE FROM connections WHERE user_id = ?1 AND device_id = ?2", [user, device])?;
     c.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", [user, device])?;
     Ok(())

@@ -1,14 +1,131 @@
-//! `MessageStore` on SQLite: messages with their fan-out mark, and every device's inbox.
+//! `MessageStore` on SQLite: each message appended to the log once, each inbox derived from it (see `inboxes.rs`).
+
+use std::sync::Mutex;
 
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
-use super::rows::{dedupe_text, id, json, message_from_row};
+use super::inboxes::{Inboxes, Seq, dedupe_hash, save_cursor};
+use super::rows::{dedupe_text, from_json, id, json, message_from_row};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::Result;
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
 use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+
+/// A message row as the feed reads it: once fanned out, without its body.
+const MESSAGE_ROW: &str =
+    "SELECT chat_id, message_id, timestamp, CASE fanned_out WHEN 0 THEN body END AS body,
+     COALESCE(recipients, '[]') AS recipients, fanned_out FROM log";
+
+pub(super) fn lock(inboxes: &Mutex<Inboxes>) -> std::sync::MutexGuard<'_, Inboxes> {
+    inboxes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Appends one row to the log; the index learns of it once the insert succeeded.
+#[allow(clippy::too_many_arguments)]
+fn append(
+    c: &Connection,
+    inboxes: &Mutex<Inboxes>,
+    message: &MessageId,
+    chat: Option<&str>,
+    timestamp: Millis,
+    body: &str,
+    recipients: &[String],
+    fanned_out: bool,
+    dedupe: Option<&str>,
+    expires_at: Millis,
+) -> rusqlite::Result<()> {
+    let seq = lock(inboxes).next_seq();
+    c.prepare_cached(
+        "INSERT INTO log (seq, message_id, chat_id, timestamp, body, recipients, fanned_out, dedupe, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        seq,
+        message.as_str(),
+        chat,
+        timestamp,
+        body,
+        json(&recipients),
+        fanned_out,
+        dedupe,
+        expires_at
+    ])?;
+    let hash = chat.zip(dedupe).map(|(chat, key)| dedupe_hash(chat, key));
+    lock(inboxes).append(seq, message, recipients, expires_at, hash);
+    Ok(())
+}
+
+/// Rewrites the recipients of row `seq`: `from` becomes `to`, or goes.
+fn rename_recipient(c: &Connection, seq: Seq, from: &str, to: Option<&str>) -> rusqlite::Result<()> {
+    let listed: Option<Option<String>> = c
+        .prepare_cached("SELECT recipients FROM log WHERE seq = ?1")?
+        .query_row([seq], |r| r.get(0))
+        .optional()?;
+    let Some(Some(listed)) = listed else { return Ok(()) };
+    let mut keys: Vec<String> = from_json(&listed)?;
+    let before = keys.len();
+    keys.retain(|k| k != from);
+    if keys.len() == before {
+        return Ok(());
+    }
+    if let Some(to) = to.filter(|to| !keys.iter().any(|k| k == to)) {
+        keys.push(to.to_owned());
+    }
+    c.prepare_cached("UPDATE log SET recipients = ?2 WHERE seq = ?1")?.execute(params![seq, json(&keys)])?;
+    Ok(())
+}
+
+/// Empties an inbox for good (its device is gone, or its user): every row
+/// that names it, held or acked, stops naming it, and its cursor goes.
+pub(super) fn drop_inbox(c: &Connection, inboxes: &Mutex<Inboxes>, key: &str) -> rusqlite::Result<()> {
+    let (held, position) = lock(inboxes).holdings(key);
+    let mut rows: Vec<Seq> = held.iter().map(|(_, h)| h.seq).collect();
+    if let Some(position) = position {
+        // Rows it acked name it until every other inbox has acked them too.
+        rows.extend(lock(inboxes).live_through(position));
+        c.prepare_cached("DELETE FROM cursors WHERE inbox = ?1")?.execute([key])?;
+    }
+    rows.sort_unstable();
+    rows.dedup();
+    for seq in rows {
+        rename_recipient(c, seq, key, None)?;
+    }
+    lock(inboxes).apply_drop(key);
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Drops the bodies of rows every inbox has acked, in the next commit:
+    /// the ack that freed them does not wait for it. A row that keeps a
+    /// dedupe key stays, without body or recipients, until it expires.
+    fn compact(&self) {
+        let inboxes = self.inner.inboxes.clone();
+        let queued = self.write_detached("compaction", move |c| {
+            let done = lock(&inboxes).take_done();
+            let mut delete = c.prepare_cached("DELETE FROM log WHERE seq = ?1 AND dedupe IS NULL")?;
+            let mut empty =
+                c.prepare_cached("UPDATE log SET body = NULL, recipients = NULL WHERE seq = ?1")?;
+            for seq in done {
+                if delete.execute([seq])? == 0 {
+                    empty.execute([seq])?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = queued {
+            tracing::debug!(error = %e, "compaction not queued");
+        }
+    }
+
+    /// Compacts if an ack left rows that no inbox holds.
+    pub(super) fn compact_if_done(&self) {
+        if lock(&self.inner.inboxes).has_done() {
+            self.compact();
+        }
+    }
+}
 
 #[async_trait]
 impl MessageStore for SqliteStore {
@@ -20,42 +137,38 @@ impl MessageStore for SqliteStore {
     ) -> Result<Store> {
         let message = message.clone();
         let dedupe = dedupe.map(dedupe_text);
+        let inboxes = self.inner.inboxes.clone();
         self.write(move |c| {
+            let chat = message.chat.as_str();
             if let Some(key) = &dedupe {
-                let first = c
-                    .prepare_cached("SELECT chat_id, message_id, timestamp, body, recipients, fanned_out FROM messages WHERE chat_id = ?1 AND dedupe = ?2")?
-                    .query_row([message.chat.as_str(), key], message_from_row)
-                    .optional()?;
-                if let Some(first) = first {
-                    return Ok(Store::Duplicate(first));
+                let seq = lock(&inboxes).first_with(chat, key);
+                if let Some(seq) = seq {
+                    let first = c
+                        .prepare_cached(&format!(
+                            "{MESSAGE_ROW} WHERE seq = ?1 AND chat_id = ?2 AND dedupe = ?3"
+                        ))?
+                        .query_row(params![seq, chat, key], message_from_row)
+                        .optional()?;
+                    if let Some(first) = first {
+                        return Ok(Store::Duplicate(first));
+                    }
                 }
             }
-            let recipients: Vec<String> = message.recipients.iter().map(InboxKey::key).collect();
-            // Stored done, the row is what the mark leaves of it.
-            let (body, listed) = match message.fanned_out {
-                true => (None, json(&Vec::<String>::new())),
-                false => (Some(message.json.as_str()), json(&recipients)),
-            };
-            c.prepare_cached(
-                "INSERT INTO messages (chat_id, message_id, timestamp, body, recipients, fanned_out, dedupe, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                message.chat.as_str(),
-                message.id.as_str(),
+            let mut recipients: Vec<String> = message.recipients.iter().map(InboxKey::key).collect();
+            recipients.sort_unstable();
+            recipients.dedup();
+            append(
+                c,
+                &inboxes,
+                &message.id,
+                Some(chat),
                 message.timestamp,
-                body,
-                listed,
+                &message.json,
+                &recipients,
                 message.fanned_out,
-                dedupe,
-                expires_at
-            ])?;
-            let mut put = c.prepare_cached(
-                "INSERT OR IGNORE INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                dedupe.as_deref(),
+                expires_at,
             )?;
-            for key in &recipients {
-                put.execute(params![key, message.id.as_str(), message.json, expires_at])?;
-            }
             Ok(Store::Stored)
         })
         .await
@@ -64,7 +177,7 @@ impl MessageStore for SqliteStore {
     async fn message(&self, chat: &ChatId, message_id: &MessageId) -> Result<Option<StoredMessage>> {
         let (chat, message_id) = (chat.to_string(), message_id.to_string());
         self.read(move |c| {
-            c.prepare_cached("SELECT chat_id, message_id, timestamp, body, recipients, fanned_out FROM messages WHERE message_id = ?2 AND chat_id = ?1")?
+            c.prepare_cached(&format!("{MESSAGE_ROW} WHERE message_id = ?2 AND chat_id = ?1"))?
                 .query_row([&chat, &message_id], message_from_row)
                 .optional()
         })
@@ -76,18 +189,16 @@ impl MessageStore for SqliteStore {
         // the fan-out again, pushing to the inboxes that still hold it.
         let (chat, message_id) = (chat.to_string(), message_id.to_string());
         self.write_detached("fan-out mark", move |c| {
-            c.prepare_cached(
-                "UPDATE messages SET fanned_out = 1, body = NULL, recipients = '[]' WHERE message_id = ?2 AND chat_id = ?1",
-            )?
-            .execute([&chat, &message_id])
-            .map(drop)
+            c.prepare_cached("UPDATE log SET fanned_out = 1 WHERE message_id = ?2 AND chat_id = ?1")?
+                .execute([&chat, &message_id])
+                .map(drop)
         })
     }
 
     async fn unfinished(&self, before: Millis, limit: usize) -> Result<Vec<(ChatId, MessageId)>> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT chat_id, message_id FROM messages WHERE fanned_out = 0 AND timestamp < ?1 ORDER BY timestamp LIMIT ?2",
+                "SELECT chat_id, message_id FROM log WHERE fanned_out = 0 AND timestamp < ?1 ORDER BY timestamp LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.map(|row| row.and_then(|(chat, msg)| Ok((id(chat)?, id(msg)?)))).collect()
@@ -96,20 +207,8 @@ impl MessageStore for SqliteStore {
     }
 
     async fn holders(&self, message_id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>> {
-        let (message_id, keys) = (message_id.to_string(), keys.to_vec());
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT 1 FROM inbox WHERE inbox = ?1 AND message_id = ?2 AND expires_at > ?3",
-            )?;
-            let mut held = Vec::new();
-            for key in keys {
-                if stmt.exists(params![key.key(), message_id, now])? {
-                    held.push(key);
-                }
-            }
-            Ok(held)
-        })
-        .await
+        let inboxes = lock(&self.inner.inboxes);
+        Ok(keys.iter().filter(|key| inboxes.holds(&key.key(), message_id, now)).cloned().collect())
     }
 
     async fn inbox_page(
@@ -119,15 +218,24 @@ impl MessageStore for SqliteStore {
         limit: usize,
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>> {
-        let (inbox, after) = (inbox.key(), after.map(|a| a.to_string()).unwrap_or_default());
+        let listed = lock(&self.inner.inboxes).page(&inbox.key(), after, limit, now);
+        if listed.is_empty() {
+            return Ok(Vec::new());
+        }
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT message_id, body FROM inbox WHERE inbox = ?1 AND message_id > ?2 AND expires_at > ?3
-                 ORDER BY message_id LIMIT ?4",
-            )?;
-            let rows =
-                stmt.query_map(params![inbox, after, now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.map(|row| row.and_then(|(msg, body): (String, String)| Ok((id(msg)?, body)))).collect()
+            let mut body = c.prepare_cached("SELECT body FROM log WHERE seq = ?1")?;
+            let mut page = Vec::with_capacity(listed.len());
+            for (message, seq) in listed {
+                match body.query_row([seq], |r| r.get::<_, Option<String>>(0)).optional()? {
+                    Some(Some(body)) => page.push((message, body)),
+                    // Acked and compacted since the index was read.
+                    Some(None) => {}
+                    // Not committed yet: the page ends before it, so no later
+                    // cursor skips it.
+                    None => break,
+                }
+            }
+            Ok(page)
         })
         .await
     }
@@ -139,9 +247,10 @@ impl MessageStore for SqliteStore {
         dedupe: Option<&DedupeKey>,
         expires_at: Millis,
     ) -> Result<Option<MessageId>> {
-        let (message_id, dedupe) = (message_id.to_string(), dedupe.map(dedupe_text));
+        let (message_id, dedupe) = (message_id.clone(), dedupe.map(dedupe_text));
         let items: Vec<(String, String)> =
             items.iter().map(|(key, json)| (key.key(), json.clone())).collect();
+        let (inboxes, now) = (self.inner.inboxes.clone(), self.now());
         self.write(move |c| {
             if let Some(key) = &dedupe {
                 let first: Option<String> = c
@@ -154,13 +263,13 @@ impl MessageStore for SqliteStore {
                 c.prepare_cached(
                     "INSERT INTO device_message_dedupe (dedupe, message_id, expires_at) VALUES (?1, ?2, ?3)",
                 )?
-                .execute(params![key, message_id, expires_at])?;
+                .execute(params![key, message_id.as_str(), expires_at])?;
             }
-            let mut put = c.prepare_cached(
-                "INSERT OR IGNORE INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (key, json) in &items {
-                put.execute(params![key, message_id, json, expires_at])?;
+            // Each device's body differs: a row each, all appended.
+            let mut seen = std::collections::HashSet::new();
+            for (key, json) in items.iter().filter(|(key, _)| seen.insert(key.clone())) {
+                let to = std::slice::from_ref(key);
+                append(c, &inboxes, &message_id, None, now, json, to, true, None, expires_at)?;
             }
             Ok(None)
         })
@@ -168,46 +277,75 @@ impl MessageStore for SqliteStore {
     }
 
     async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
-        let (inbox, ids) = (inbox.key(), ids.to_vec());
-        self.write(move |c| {
-            let mut delete =
-                c.prepare_cached("DELETE FROM inbox WHERE inbox = ?1 AND message_id = ?2 RETURNING body")?;
-            let mut acked = Vec::new();
-            for message_id in ids {
-                let body: Option<String> =
-                    delete.query_row([&inbox, message_id.as_str()], |r| r.get(0)).optional()?;
-                if let Some(body) = body {
-                    acked.push((message_id, body));
+        let (key, ids, inboxes) = (inbox.key(), ids.to_vec(), self.inner.inboxes.clone());
+        let acked = self
+            .write(move |c| {
+                let Some(plan) = lock(&inboxes).plan_ack(&key, &ids) else { return Ok(Vec::new()) };
+                let mut body = c.prepare_cached("SELECT body FROM log WHERE seq = ?1")?;
+                let mut acked = Vec::with_capacity(plan.rows.len());
+                for (message, seq) in &plan.rows {
+                    if let Some(Some(body)) = body.query_row([seq], |r| r.get(0)).optional()? {
+                        acked.push((message.clone(), body));
+                    }
                 }
-            }
-            Ok(acked)
-        })
-        .await
+                save_cursor(c, &key, &plan.cursor)?;
+                lock(&inboxes).apply_ack(&key, plan);
+                Ok(acked)
+            })
+            .await?;
+        self.compact_if_done();
+        Ok(acked)
     }
 
     async fn drop_pending(&self, user: &UserId) -> Result<()> {
-        let pending = InboxKey::Pending(user.clone()).key();
-        self.write(move |c| c.execute("DELETE FROM inbox WHERE inbox = ?1", [&pending]).map(drop)).await
+        let (pending, inboxes) = (InboxKey::Pending(user.clone()).key(), self.inner.inboxes.clone());
+        self.write(move |c| drop_inbox(c, &inboxes, &pending)).await?;
+        self.compact_if_done();
+        Ok(())
     }
 
     async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
         let pending = InboxKey::Pending(user.clone()).key();
         let target = InboxKey::Device(user.clone(), device.clone()).key();
-        self.write(move |c| {
-            let moved =
-                c.execute("UPDATE OR IGNORE inbox SET inbox = ?2 WHERE inbox = ?1", [&pending, &target])?;
-            c.execute("DELETE FROM inbox WHERE inbox = ?1", [&pending])?;
-            Ok(moved as u64)
-        })
-        .await
+        let inboxes = self.inner.inboxes.clone();
+        let moved = self
+            .write(move |c| {
+                let (moves, cursor) = lock(&inboxes).plan_claim(&pending, &target);
+                for (_, held, moved) in &moves {
+                    rename_recipient(c, held.seq, &pending, moved.then_some(target.as_str()))?;
+                }
+                if let Some(cursor) = &cursor {
+                    save_cursor(c, &target, cursor)?;
+                }
+                lock(&inboxes).apply_claim(&pending, &target, &moves, cursor);
+                Ok(moves.iter().filter(|(_, _, moved)| *moved).count() as u64)
+            })
+            .await?;
+        self.compact_if_done();
+        Ok(moved)
     }
 
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
+        let inboxes = self.inner.inboxes.clone();
         self.write(move |c| {
-            let inbox = c.execute("DELETE FROM inbox WHERE expires_at <= ?1", [now])?;
-            let messages = c.execute("DELETE FROM messages WHERE expires_at <= ?1", [now])?;
+            let gone: Vec<(Seq, String, Option<String>, Option<String>, Option<String>)> = c
+                .prepare_cached(
+                    "DELETE FROM log WHERE expires_at <= ?1 RETURNING seq, message_id, chat_id, recipients, dedupe",
+                )?
+                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<rusqlite::Result<_>>()?;
             let dedupe = c.execute("DELETE FROM device_message_dedupe WHERE expires_at <= ?1", [now])?;
-            Ok((inbox + messages + dedupe) as u64)
+            let mut forgotten = Vec::with_capacity(gone.len());
+            for (seq, message, chat, recipients, key) in &gone {
+                let recipients: Vec<String> = recipients.as_deref().map(from_json).transpose()?.unwrap_or_default();
+                let hash = chat.as_deref().zip(key.as_deref()).map(|(chat, key)| dedupe_hash(chat, key));
+                forgotten.push((*seq, id::<MessageId>(message.clone())?, recipients, hash));
+            }
+            let mut index = lock(&inboxes);
+            for (seq, message, recipients, hash) in &forgotten {
+                index.forget(*seq, message, recipients, *hash);
+            }
+            Ok((gone.len() + dedupe) as u64)
         })
         .await
     }

@@ -14,6 +14,7 @@
 mod attachments;
 mod chats;
 mod devices;
+mod inboxes;
 mod jobs;
 mod keys;
 mod messages;
@@ -35,6 +36,7 @@ use courier_core::domain::{Chat, Device, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, UserId};
 use courier_core::ports::DeviceKeys;
+use inboxes::Inboxes;
 use schema::create_schema;
 use writer::{checkpoint_loop, in_savepoint, write_loop};
 
@@ -80,6 +82,8 @@ struct Inner {
     devices: ReadCache<UserId, Vec<Device>>,
     /// The keys of a user's ready devices, which every encrypted send reads.
     keys: ReadCache<UserId, Vec<DeviceKeys>>,
+    /// Which inbox holds which message (the writer's to change).
+    inboxes: Arc<Mutex<Inboxes>>,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
     clock: Arc<dyn courier_core::ports::Clock>,
@@ -125,24 +129,35 @@ impl SqliteStore {
             // The checkpointer thread does this work, off the commit path.
             writer.pragma_update(None, "wal_autocheckpoint", 0)?;
             writer.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+            let inboxes = Inboxes::rebuild(&writer)?;
             let checkpointer = open(path, durability)?;
             let readers =
                 (0..READERS).map(|_| open(path, durability)).collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((writer, checkpointer, readers))
+            Ok((writer, inboxes, checkpointer, readers))
         };
-        let (writer, checkpointer, readers) = connections().map_err(crate::db_error)?;
+        let (writer, inboxes, checkpointer, readers) = connections().map_err(crate::db_error)?;
+        let inboxes = Arc::new(Mutex::new(inboxes));
+        // A failed commit leaves the database as it was before the group,
+        // and the index ahead of it: read it again from the database.
+        let recover = {
+            let inboxes = inboxes.clone();
+            move |conn: &Connection| match Inboxes::rebuild(conn) {
+                Ok(rebuilt) => *messages::lock(&inboxes) = rebuilt,
+                Err(e) => tracing::error!(error = %e, "rebuilding the inbox index failed"),
+            }
+        };
         let (tx, rx) = mpsc::channel::<WriteOp>();
         // One slot: commits made while a checkpoint runs ask for one more, not one each.
         let (committed, commits) = mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("courier-sqlite-writer".into())
-            .spawn(move || write_loop(writer, rx, committed))
+            .spawn(move || write_loop(writer, rx, committed, recover))
             .map_err(Error::internal)?;
         std::thread::Builder::new()
             .name("courier-sqlite-checkpointer".into())
             .spawn(move || checkpoint_loop(checkpointer, commits))
             .map_err(Error::internal)?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 writes: Mutex::new(Some(tx)),
@@ -151,10 +166,14 @@ impl SqliteStore {
                 chats: ReadCache::new(),
                 devices: ReadCache::new(),
                 keys: ReadCache::new(),
+                inboxes,
                 jobs_queued: Notify::new(),
                 clock,
             }),
-        })
+        };
+        // Rows every inbox acked before the last stop, whose compaction did not run.
+        store.compact_if_done();
+        Ok(store)
     }
 
     /// Stops taking writes and waits for the writer to commit what it has.

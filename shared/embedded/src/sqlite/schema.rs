@@ -25,33 +25,32 @@ CREATE TABLE IF NOT EXISTS connections (
     user_id TEXT NOT NULL,
     device_id TEXT NOT NULL
 ) WITHOUT ROWID;
--- Keyed by message_id, a ULID: a new message lands on the last page of the
--- tree, and its fan-out mark on a page still in cache. Keyed by chat, each
--- message would dirty a page of its own, and every dirty page is a WAL write.
-CREATE TABLE IF NOT EXISTS messages (
-    message_id TEXT PRIMARY KEY,
-    chat_id TEXT NOT NULL,
+-- Layout 5: every message once, in arrival order (seq), with the inboxes
+-- it went to; body and recipients go once every inbox has acked it (the row
+-- stays, for its dedupe key, until it expires). What each inbox still holds
+-- is kept in memory, rebuilt from here and the cursors (inboxes.rs).
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    chat_id TEXT,
     timestamp INTEGER NOT NULL,
     body TEXT,
-    recipients TEXT NOT NULL,
-    fanned_out INTEGER NOT NULL DEFAULT 0,
+    recipients TEXT,
+    fanned_out INTEGER NOT NULL,
     dedupe TEXT,
     expires_at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (chat_id, dedupe) WHERE dedupe IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_unfinished ON messages (timestamp) WHERE fanned_out = 0;
-CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
--- Rows, bodies and all, append in arrival order; only the slim index entry
--- lands among the inbox's other rows.
-CREATE TABLE IF NOT EXISTS inbox (
-    seq INTEGER PRIMARY KEY,
-    inbox TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    expires_at INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS inbox_key ON inbox (inbox, message_id);
-CREATE INDEX IF NOT EXISTS inbox_expiry ON inbox (expires_at);
+-- Both grow at their end: message ids are ULIDs and expiry follows arrival.
+CREATE INDEX IF NOT EXISTS log_message ON log (message_id);
+CREATE INDEX IF NOT EXISTS log_expiry ON log (expires_at);
+CREATE INDEX IF NOT EXISTS log_unfinished ON log (timestamp) WHERE fanned_out = 0;
+-- An inbox that acked: the highest seq it acked, and the seqs below it that
+-- it still holds (a JSON list, usually empty).
+CREATE TABLE IF NOT EXISTS cursors (
+    inbox TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    held TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attachments (
     attachment_id TEXT PRIMARY KEY,
     uploader TEXT NOT NULL,
@@ -130,8 +129,62 @@ CREATE INDEX IF NOT EXISTS device_message_dedupe_expiry ON device_message_dedupe
 
 /// `PRAGMA user_version` of the layout. Layout 3 only adds tables and
 /// indexes to layout 2, so SCHEMA alone moves a layout 2 database on; layout
-/// 4 adds [`LAYOUT_4`]'s columns.
-const LAYOUT: i64 = 4;
+/// 4 adds [`LAYOUT_4`]'s columns; layout 5 moves the messages and inbox
+/// tables into the log ([`FROM_LAYOUT_4`]).
+const LAYOUT: i64 = 5;
+
+/// The messages and inbox tables of layouts 2 to 4: a message row, and a row
+/// with the body per recipient inbox.
+const LAYOUT_2_MESSAGES: &str = r#"
+-- Keyed by message_id, a ULID: a new message lands on the last page of the
+-- tree, and its fan-out mark on a page still in cache. Keyed by chat, each
+-- message would dirty a page of its own, and every dirty page is a WAL write.
+CREATE TABLE messages (
+    message_id TEXT PRIMARY KEY,
+    chat_id TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    body TEXT,
+    recipients TEXT NOT NULL,
+    fanned_out INTEGER NOT NULL DEFAULT 0,
+    dedupe TEXT,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX messages_dedupe ON messages (chat_id, dedupe) WHERE dedupe IS NOT NULL;
+CREATE INDEX messages_unfinished ON messages (timestamp) WHERE fanned_out = 0;
+CREATE INDEX messages_expiry ON messages (expires_at);
+-- Rows, bodies and all, append in arrival order; only the slim index entry
+-- lands among the inbox's other rows.
+CREATE TABLE inbox (
+    seq INTEGER PRIMARY KEY,
+    inbox TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX inbox_key ON inbox (inbox, message_id);
+CREATE INDEX inbox_expiry ON inbox (expires_at);
+"#;
+
+/// From layout 4 (or older, moved to it first): each message becomes one
+/// log row listing the inboxes that still hold it (none: acked by all, kept
+/// for its dedupe key); each device message's inbox row (no message row)
+/// becomes a row of its own. No inbox has acked anything yet in the log's terms.
+const FROM_LAYOUT_4: &str = r#"
+CREATE INDEX inbox_by_message ON inbox (message_id);
+INSERT INTO log (message_id, chat_id, timestamp, body, recipients, fanned_out, dedupe, expires_at)
+SELECT message_id, chat_id, timestamp, body, recipients, fanned_out, dedupe, expires_at FROM (
+    SELECT m.message_id, m.chat_id, m.timestamp, h.body, h.recipients, m.fanned_out, m.dedupe, m.expires_at
+    FROM messages m LEFT JOIN (
+        SELECT message_id, min(body) AS body, json_group_array(inbox) AS recipients
+        FROM inbox GROUP BY message_id
+    ) h USING (message_id)
+    UNION ALL
+    SELECT i.message_id, NULL, 0, i.body, json_array(i.inbox), 1, NULL, i.expires_at
+    FROM inbox i WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.message_id = i.message_id)
+) ORDER BY message_id;
+DROP TABLE inbox;
+DROP TABLE messages;
+"#;
 
 /// Layout 4 (push notifications): each device's push registration (JSON, a
 /// `PushRegistration`) and its wake mark (when the outstanding wake-up was
@@ -177,12 +230,23 @@ pub(super) fn create_schema(conn: &mut Connection) -> rusqlite::Result<()> {
         tracing::info!("moving the database to layout {LAYOUT}");
         tx.execute_batch(FROM_LAYOUT_1)?;
     }
+    if layout_1 {
+        tx.execute_batch(LAYOUT_2_MESSAGES)?;
+    }
     tx.execute_batch(SCHEMA)?;
     if layout_1 {
         tx.execute_batch(FROM_LAYOUT_1_ROWS)?;
     }
     if version < 4 {
         tx.execute_batch(LAYOUT_4)?;
+    }
+    let messages_table = tx.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    if messages_table {
+        tx.execute_batch(FROM_LAYOUT_4)?;
     }
     tx.pragma_update(None, "user_version", LAYOUT)?;
     tx.commit()
@@ -194,6 +258,7 @@ mod tests {
 
     use rusqlite::{Connection, params};
 
+    use super::{LAYOUT, LAYOUT_2_MESSAGES};
     use crate::sqlite::rows::id;
     use crate::sqlite::{Durability, SqliteStore};
     use courier_core::domain::InboxKey;
@@ -240,8 +305,8 @@ mod tests {
             assert!(!row.fanned_out, "the feed still finishes it");
             assert_eq!(store.unfinished(10, 10).await.unwrap().len(), 1);
             let seq: i64 =
-                store.read(|c| c.query_row("SELECT seq FROM inbox", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(seq, 1, "the inbox row moved into the new layout");
+                store.read(|c| c.query_row("SELECT seq FROM log", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(seq, 1, "the message moved into the log");
             store.close();
         }
     }
@@ -266,8 +331,10 @@ mod tests {
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             store.close();
             let old = Connection::open(&path).unwrap();
+            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
             old.execute_batch(
-                "DROP INDEX attachments_uploader;
+                "DROP TABLE log; DROP TABLE cursors;
+                 DROP INDEX attachments_uploader;
                  DROP TABLE device_keys; DROP TABLE one_time_keys;
                  DROP TABLE key_claims; DROP TABLE receipts; DROP TABLE device_message_dedupe;
                  ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
@@ -307,7 +374,7 @@ mod tests {
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             let version: i64 =
                 store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, 4);
+            assert_eq!(version, LAYOUT);
             let key = InboxKey::parse(inbox).unwrap();
             let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
             assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
@@ -372,8 +439,10 @@ mod tests {
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             store.close();
             let old = Connection::open(&path).unwrap();
+            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
             old.execute_batch(
-                "ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
+                "DROP TABLE log; DROP TABLE cursors;
+                 ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
                  PRAGMA user_version = 3;",
             )
             .unwrap();
@@ -412,11 +481,11 @@ mod tests {
             endpoint: None,
         };
         for round in 0..2 {
-            // Opened twice: the second open finds layout 4 and leaves it be.
+            // Opened twice: the second open finds the newest layout and leaves it be.
             let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
             let version: i64 =
                 store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, 4);
+            assert_eq!(version, LAYOUT);
             let key = InboxKey::parse(inbox).unwrap();
             let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
             assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
@@ -450,6 +519,99 @@ mod tests {
                     "and so is the mark"
                 );
             }
+            store.close();
+        }
+    }
+    #[tokio::test]
+    async fn a_database_of_the_fourth_layout_moves_its_messages_into_the_log() {
+        use courier_core::ids::{DeviceId, UserId};
+        use courier_core::ports::{DedupeKey, Store, StoredMessage};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layout4.db");
+        let (m1, m2, d1) =
+            ("01JDX0000000000000000000M1", "01JDX0000000000000000000M2", "01JDX0000000000000000000D1");
+        let chat = "01JDX0000000000000000000C1";
+        let body = |m: &str| format!(r#"{{"messageId":"{m}","message":"kept"}}"#);
+        {
+            // Layout 4 is today's schema with the messages and inbox tables
+            // instead of the log and the cursors.
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            store.close();
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
+            old.execute_batch("DROP TABLE log; DROP TABLE cursors; PRAGMA user_version = 4;").unwrap();
+            // M1 went to bob, carol and dave (no device yet); carol acked it.
+            old.execute(
+                "INSERT INTO messages VALUES (?1, ?2, 5, NULL, '[]', 1, 'alice#laptop#c-1', ?3)",
+                params![m1, chat, i64::MAX],
+            )
+            .unwrap();
+            // M2 every recipient acked: only its row is left, for its dedupe key.
+            old.execute(
+                "INSERT INTO messages VALUES (?1, ?2, 6, NULL, '[]', 1, 'alice#laptop#c-2', ?3)",
+                params![m2, chat, i64::MAX],
+            )
+            .unwrap();
+            for (inbox, message, text) in
+                [("bob#phone", m1, body(m1)), ("dave#*", m1, body(m1)), ("carol#phone", d1, body(d1))]
+            {
+                old.execute(
+                    "INSERT INTO inbox (inbox, message_id, body, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![inbox, message, text, i64::MAX],
+                )
+                .unwrap();
+            }
+        }
+        let key = |k: &str| InboxKey::parse(k).unwrap();
+        let mid = |m: &str| id::<MessageId>(m.into()).unwrap();
+        let (alice, dave): (UserId, UserId) = (id("alice".into()).unwrap(), id("dave".into()).unwrap());
+        let tab: DeviceId = id("tab".into()).unwrap();
+        for round in 0..2 {
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            let version: i64 =
+                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
+            assert_eq!(version, LAYOUT);
+            let carol = store.inbox_page(&key("carol#phone"), None, 10, 0).await.unwrap();
+            assert_eq!(carol, vec![(mid(d1), body(d1))], "the device message stays carol's alone");
+            let retry = StoredMessage {
+                chat: id(chat.into()).unwrap(),
+                id: mid("01JDX0000000000000000000M3"),
+                timestamp: 7,
+                json: body("01JDX0000000000000000000M3"),
+                recipients: vec![key("bob#phone")],
+                fanned_out: true,
+            };
+            let dedupe = DedupeKey {
+                user: alice.clone(),
+                device: id("laptop".into()).unwrap(),
+                client_message_id: "c-2".into(),
+            };
+            match store.store(&retry, Some(&dedupe), i64::MAX).await.unwrap() {
+                Store::Duplicate(first) => assert_eq!(first.id, mid(m2), "round {round}"),
+                Store::Stored => panic!("the dedupe key of an acked message was lost"),
+            }
+            let bob = store.inbox_page(&key("bob#phone"), None, 10, 0).await.unwrap();
+            if round == 0 {
+                assert_eq!(bob, vec![(mid(m1), body(m1))]);
+                assert_eq!(store.ack(&key("bob#phone"), &[mid(m1)]).await.unwrap().len(), 1);
+                assert_eq!(store.claim_pending(&dave, &tab).await.unwrap(), 1);
+            } else {
+                assert!(bob.is_empty(), "bob's ack is kept across a reopen");
+                let dave = store.inbox_page(&key("dave#tab"), None, 10, 0).await.unwrap();
+                assert_eq!(dave, vec![(mid(m1), body(m1))], "and so is dave's claim");
+            }
+            let old_tables: i64 = store
+                .read(|c| {
+                    c.query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE name IN ('messages', 'inbox')",
+                        [],
+                        |r| r.get(0),
+                    )
+                })
+                .await
+                .unwrap();
+            assert_eq!(old_tables, 0);
             store.close();
         }
     }

@@ -52,11 +52,12 @@ pub(super) fn checkpoint_loop(conn: Connection, commits: mpsc::Receiver<()>) {
 
 /// The writer thread: take what is waiting, run it in one transaction, commit,
 /// answer, and tell the checkpointer. `committed` is dropped when it ends,
-/// which stops the checkpointer.
+/// which stops the checkpointer. `recover` runs after a commit failed.
 pub(super) fn write_loop(
     mut conn: Connection,
     ops: mpsc::Receiver<WriteOp>,
     committed: mpsc::SyncSender<()>,
+    recover: impl Fn(&Connection),
 ) {
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
@@ -83,6 +84,7 @@ pub(super) fn write_loop(
                 // The ops were consumed by the failed transaction; their
                 // senders drop and each waiting write sees the writer error.
                 drop(batch);
+                recover(&conn);
             }
         }
     }
