@@ -99,12 +99,23 @@ impl Ws {
 
     /// Sends a Courier command and waits for its response (pushes in between are skipped).
     pub async fn call(&mut self, action: &str, fields: Value) -> anyhow::Result<Value> {
+        let id = self.request(action, fields).await?;
+        self.answer(action, &id).await
+    }
+
+    /// Sends a Courier command without waiting; returns its requestId for [`Ws::answer`].
+    pub async fn request(&mut self, action: &str, fields: Value) -> anyhow::Result<String> {
         let id = format!("b{}", self.next_request);
         self.next_request += 1;
         let mut frame = fields;
         frame["action"] = json!(action);
         frame["requestId"] = json!(id);
         self.socket.send(Message::Text(frame.to_string().into())).await?;
+        Ok(id)
+    }
+
+    /// Waits for the response to request `id`, skipping whatever comes before it.
+    pub async fn answer(&mut self, action: &str, id: &str) -> anyhow::Result<Value> {
         loop {
             let message = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
                 .await
@@ -112,7 +123,7 @@ impl Ws {
                 .context("connection closed")??;
             let Message::Text(text) = message else { continue };
             let frame: Value = serde_json::from_str(&text)?;
-            if frame["type"] == "response" && frame["requestId"] == id.as_str() {
+            if frame["type"] == "response" && frame["requestId"] == id {
                 if frame["status"] != "SUCCESS" {
                     bail!("{action} failed: {frame}");
                 }

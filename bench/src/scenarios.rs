@@ -509,16 +509,27 @@ pub async fn backlog(
 async fn drain_courier(ws: &mut Ws) -> anyhow::Result<u64> {
     let mut cursor = Value::Null;
     let mut drained = 0;
+    // A page's ack goes out with the request for the next page, as a client
+    // does that has nothing to wait for (the cursor is a position, so acking
+    // skips nothing); the run ends once every ack is answered.
+    let mut acking: Option<String> = None;
     loop {
-        let page = ws.call("sync", json!({ "limit": 100, "cursor": cursor })).await?;
+        let sync = ws.request("sync", json!({ "limit": 100, "cursor": cursor })).await?;
+        if let Some(ack) = acking.take() {
+            ws.answer("ack", &ack).await?;
+        }
+        let page = ws.answer("sync", &sync).await?;
         let ids: Vec<&Value> =
             page["messages"].as_array().into_iter().flatten().map(|m| &m["messageId"]).collect();
         drained += ids.len() as u64;
         if !ids.is_empty() {
-            ws.call("ack", json!({ "messageIds": ids })).await?;
+            acking = Some(ws.request("ack", json!({ "messageIds": ids })).await?);
         }
         cursor = page["cursor"].clone();
         if cursor.is_null() {
+            if let Some(ack) = acking {
+                ws.answer("ack", &ack).await?;
+            }
             return Ok(drained);
         }
     }

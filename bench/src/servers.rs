@@ -132,7 +132,8 @@ impl Server {
                     // token bucket (20 frames/s by default).
                     .env("COURIER_RATE_BURST", "1000000000")
                     .env("COURIER_RATE_PER_SECOND", "1000000000")
-                    .env("COURIER_LOG", "warn");
+                    // Quiet unless asked: COURIER_LOG passes through, to trace a run.
+                    .env("COURIER_LOG", std::env::var("COURIER_LOG").unwrap_or_else(|_| "warn".into()));
                 c
             }
             Target::Relay => {

@@ -10,7 +10,7 @@
 //! the only one that changes it, and always after its statements succeeded,
 //! so a failed write leaves it as it was (a failed commit rebuilds it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use rusqlite::{Connection, params};
@@ -39,8 +39,26 @@ pub(super) struct Cursor {
 #[derive(Debug, Default)]
 struct Inbox {
     pending: BTreeMap<MessageId, Held>,
+    /// The same rows by position, so an ack finds those below its new
+    /// position without walking the whole inbox.
+    seqs: BTreeSet<Seq>,
     /// None until the inbox first acks: it holds every row that names it.
     cursor: Option<Cursor>,
+}
+
+impl Inbox {
+    fn hold(&mut self, message: MessageId, held: Held) {
+        self.seqs.insert(held.seq);
+        if let Some(before) = self.pending.insert(message, held) {
+            self.seqs.remove(&before.seq);
+        }
+    }
+
+    fn take(&mut self, message: &MessageId) -> Option<Held> {
+        let held = self.pending.remove(message)?;
+        self.seqs.remove(&held.seq);
+        Some(held)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -88,7 +106,7 @@ impl Inboxes {
             let held: String = r.get(2)?;
             let cursor = Cursor { position: r.get(1)?, held: from_json(&held)? };
             this.next = this.next.max(cursor.position + 1);
-            this.inboxes.insert(r.get(0)?, Inbox { pending: BTreeMap::new(), cursor: Some(cursor) });
+            this.inboxes.insert(r.get(0)?, Inbox { cursor: Some(cursor), ..Inbox::default() });
         }
         let mut stmt = c.prepare(
             "SELECT seq, message_id, chat_id, recipients, dedupe, expires_at FROM log ORDER BY seq",
@@ -111,7 +129,7 @@ impl Inboxes {
                 let acked =
                     inbox.cursor.as_ref().is_some_and(|c| seq <= c.position && !c.held.contains(&seq));
                 if !acked {
-                    inbox.pending.insert(message.clone(), held);
+                    inbox.hold(message.clone(), held);
                     holding += 1;
                 }
             }
@@ -141,7 +159,7 @@ impl Inboxes {
         self.next = seq + 1;
         let held = Held { seq, expires_at };
         for key in recipients {
-            self.inboxes.entry(key.clone()).or_default().pending.insert(message.clone(), held);
+            self.inboxes.entry(key.clone()).or_default().hold(message.clone(), held);
         }
         if let Some(hash) = dedupe {
             self.dedupe.insert(hash, seq);
@@ -206,20 +224,17 @@ impl Inboxes {
         rows.dedup();
         let top = rows.iter().map(|(_, seq)| *seq).max()?;
         let position = inbox.cursor.as_ref().map_or(0, |c| c.position).max(top);
-        let mut held: Vec<Seq> = inbox
-            .pending
-            .iter()
-            .filter(|(m, h)| h.seq <= position && rows.binary_search(&((*m).clone(), h.seq)).is_err())
-            .map(|(_, h)| h.seq)
-            .collect();
-        held.sort_unstable();
+        let mut acked: Vec<Seq> = rows.iter().map(|(_, seq)| *seq).collect();
+        acked.sort_unstable();
+        let held: Vec<Seq> =
+            inbox.seqs.range(..=position).filter(|seq| acked.binary_search(seq).is_err()).copied().collect();
         Some(Acked { rows, cursor: Cursor { position, held } })
     }
 
     pub(super) fn apply_ack(&mut self, key: &str, acked: Acked) {
         let Some(inbox) = self.inboxes.get_mut(key) else { return };
         for (message, _) in &acked.rows {
-            inbox.pending.remove(message);
+            inbox.take(message);
         }
         inbox.cursor = Some(acked.cursor);
         for (_, seq) in acked.rows {
@@ -295,7 +310,7 @@ impl Inboxes {
         let target = self.inboxes.entry(to.to_owned()).or_default();
         for (message, held, moved) in moves {
             if *moved {
-                target.pending.insert(message.clone(), *held);
+                target.hold(message.clone(), *held);
             }
         }
         if let Some(cursor) = cursor {
@@ -319,7 +334,7 @@ impl Inboxes {
         for key in recipients {
             if let Some(inbox) = self.inboxes.get_mut(key) {
                 if inbox.pending.get(message).is_some_and(|h| h.seq == seq) {
-                    inbox.pending.remove(message);
+                    inbox.take(message);
                 }
                 if inbox.pending.is_empty() && inbox.cursor.is_none() {
                     self.inboxes.remove(key);
