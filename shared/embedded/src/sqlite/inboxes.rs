@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 
@@ -22,11 +23,26 @@ use courier_core::ids::MessageId;
 /// A row of the log, by its position.
 pub(super) type Seq = i64;
 
-/// A message an inbox holds: where its body is, and when it expires.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Bytes of message bodies kept in memory beside the index, shared by
+/// every inbox holding the message: a sync or an ack reads no row for them.
+/// Past it, bodies are read from the log.
+const BODY_BUDGET: usize = 64 << 20;
+
+/// A message an inbox holds: where its body is (and the body itself, while
+/// the budget allows), and when it expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Held {
     pub seq: Seq,
     pub expires_at: Millis,
+    pub body: Option<Arc<str>>,
+}
+
+/// A row some inbox still holds.
+#[derive(Debug)]
+struct Live {
+    holding: u32,
+    /// Bytes of its body kept in memory (0: none).
+    cached: usize,
 }
 
 /// How far an inbox has acked: every position up to `position` except `held`.
@@ -65,7 +81,12 @@ impl Inbox {
 pub(super) struct Inboxes {
     inboxes: HashMap<String, Inbox>,
     /// Rows with a body still kept, and how many inboxes hold each.
-    live: HashMap<Seq, u32>,
+    live: HashMap<Seq, Live>,
+    /// Bytes of bodies held in memory, at most [`BODY_BUDGET`].
+    cached: usize,
+    /// Every row up to here is committed; the writer may have appended
+    /// rows past it, which no reader is shown until their commit.
+    committed: Seq,
     /// Rows no inbox holds any more, whose bodies compaction drops.
     done: Vec<Seq>,
     /// (chat, dedupe key), hashed, to the row that first used it. A lookup
@@ -76,7 +97,7 @@ pub(super) struct Inboxes {
 
 /// What an ack changes: the rows it takes out of the inbox, and the cursor after.
 pub(super) struct Acked {
-    pub rows: Vec<(MessageId, Seq)>,
+    pub rows: Vec<(MessageId, Held)>,
     pub cursor: Cursor,
 }
 
@@ -122,19 +143,20 @@ impl Inboxes {
             let Some(recipients) = r.get::<_, Option<String>>(3)? else { continue };
             let recipients: Vec<String> = from_json(&recipients)?;
             let message: MessageId = id(r.get(1)?)?;
-            let held = Held { seq, expires_at: r.get(5)? };
+            let held = Held { seq, expires_at: r.get(5)?, body: None };
             let mut holding = 0;
             for key in recipients {
                 let inbox = this.inboxes.entry(key).or_default();
                 let acked =
                     inbox.cursor.as_ref().is_some_and(|c| seq <= c.position && !c.held.contains(&seq));
                 if !acked {
-                    inbox.hold(message.clone(), held);
+                    inbox.hold(message.clone(), held.clone());
                     holding += 1;
                 }
             }
-            this.settle(seq, holding);
+            this.settle(seq, holding, 0);
         }
+        this.committed = this.next - 1;
         Ok(this)
     }
 
@@ -155,30 +177,39 @@ impl Inboxes {
         recipients: &[String],
         expires_at: Millis,
         dedupe: Option<u64>,
+        body: &str,
     ) {
         self.next = seq + 1;
-        let held = Held { seq, expires_at };
+        let keep = !recipients.is_empty() && self.cached + body.len() <= BODY_BUDGET;
+        let held = Held { seq, expires_at, body: keep.then(|| Arc::from(body)) };
         for key in recipients {
-            self.inboxes.entry(key.clone()).or_default().hold(message.clone(), held);
+            self.inboxes.entry(key.clone()).or_default().hold(message.clone(), held.clone());
         }
         if let Some(hash) = dedupe {
             self.dedupe.insert(hash, seq);
         }
-        self.settle(seq, recipients.len() as u32);
+        self.settle(seq, recipients.len() as u32, if keep { body.len() } else { 0 });
     }
 
-    fn settle(&mut self, seq: Seq, holding: u32) {
+    /// Every row appended so far is committed.
+    pub(super) fn committed(&mut self) {
+        self.committed = self.next - 1;
+    }
+
+    fn settle(&mut self, seq: Seq, holding: u32, cached: usize) {
         if holding == 0 {
             self.done.push(seq);
         } else {
-            self.live.insert(seq, holding);
+            self.cached += cached;
+            self.live.insert(seq, Live { holding, cached });
         }
     }
 
     fn release(&mut self, seq: Seq) {
-        if let Some(n) = self.live.get_mut(&seq) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(live) = self.live.get_mut(&seq) {
+            live.holding -= 1;
+            if live.holding == 0 {
+                self.cached -= live.cached;
                 self.live.remove(&seq);
                 self.done.push(seq);
             }
@@ -193,14 +224,16 @@ impl Inboxes {
             .is_some_and(|held| held.expires_at > now)
     }
 
-    /// Up to `limit` unexpired messages the inbox holds after `after`, oldest first.
+    /// Up to `limit` unexpired messages the inbox holds after `after`,
+    /// oldest first, ending before the first not yet committed (so that no
+    /// later cursor skips it).
     pub(super) fn page(
         &self,
         key: &str,
         after: Option<&MessageId>,
         limit: usize,
         now: Millis,
-    ) -> Vec<(MessageId, Seq)> {
+    ) -> Vec<(MessageId, Held)> {
         let Some(inbox) = self.inboxes.get(key) else { return Vec::new() };
         let range = match after {
             Some(after) => inbox
@@ -210,21 +243,22 @@ impl Inboxes {
         };
         range
             .filter(|(_, held)| held.expires_at > now)
+            .take_while(|(_, held)| held.seq <= self.committed)
             .take(limit)
-            .map(|(message, held)| (message.clone(), held.seq))
+            .map(|(message, held)| (message.clone(), held.clone()))
             .collect()
     }
 
     /// What acking `ids` would change in the inbox; `None` if it holds none of them.
     pub(super) fn plan_ack(&self, key: &str, ids: &[MessageId]) -> Option<Acked> {
         let inbox = self.inboxes.get(key)?;
-        let mut rows: Vec<(MessageId, Seq)> =
-            ids.iter().filter_map(|m| inbox.pending.get(m).map(|held| (m.clone(), held.seq))).collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let top = rows.iter().map(|(_, seq)| *seq).max()?;
+        let mut rows: Vec<(MessageId, Held)> =
+            ids.iter().filter_map(|m| inbox.pending.get(m).map(|held| (m.clone(), held.clone()))).collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        let top = rows.iter().map(|(_, held)| held.seq).max()?;
         let position = inbox.cursor.as_ref().map_or(0, |c| c.position).max(top);
-        let mut acked: Vec<Seq> = rows.iter().map(|(_, seq)| *seq).collect();
+        let mut acked: Vec<Seq> = rows.iter().map(|(_, held)| held.seq).collect();
         acked.sort_unstable();
         let held: Vec<Seq> =
             inbox.seqs.range(..=position).filter(|seq| acked.binary_search(seq).is_err()).copied().collect();
@@ -237,8 +271,8 @@ impl Inboxes {
             inbox.take(message);
         }
         inbox.cursor = Some(acked.cursor);
-        for (_, seq) in acked.rows {
-            self.release(seq);
+        for (_, held) in acked.rows {
+            self.release(held.seq);
         }
     }
 
@@ -247,7 +281,7 @@ impl Inboxes {
     pub(super) fn holdings(&self, key: &str) -> (Vec<(MessageId, Held)>, Option<Seq>) {
         match self.inboxes.get(key) {
             Some(inbox) => (
-                inbox.pending.iter().map(|(m, h)| (m.clone(), *h)).collect(),
+                inbox.pending.iter().map(|(m, h)| (m.clone(), h.clone())).collect(),
                 inbox.cursor.as_ref().map(|c| c.position),
             ),
             None => (Vec::new(), None),
@@ -310,7 +344,7 @@ impl Inboxes {
         let target = self.inboxes.entry(to.to_owned()).or_default();
         for (message, held, moved) in moves {
             if *moved {
-                target.hold(message.clone(), *held);
+                target.hold(message.clone(), held.clone());
             }
         }
         if let Some(cursor) = cursor {
@@ -341,7 +375,9 @@ impl Inboxes {
                 }
             }
         }
-        self.live.remove(&seq);
+        if let Some(live) = self.live.remove(&seq) {
+            self.cached -= live.cached;
+        }
         if let Some(hash) = dedupe
             && self.dedupe.get(&hash) == Some(&seq)
         {
@@ -371,17 +407,31 @@ mod tests {
     fn an_ack_moves_the_position_and_keeps_what_was_skipped() {
         let mut ix = Inboxes::default();
         for n in 1..=4 {
-            ix.append(n as Seq, &m(n), &["bob#p".into(), "eve#p".into()], i64::MAX, None);
+            ix.append(n as Seq, &m(n), &["bob#p".into(), "eve#p".into()], i64::MAX, None, "body");
         }
+        ix.committed();
         let acked = ix.plan_ack("bob#p", &[m(1), m(3)]).unwrap();
         assert_eq!(acked.cursor, Cursor { position: 3, held: vec![2] });
         ix.apply_ack("bob#p", acked);
-        let page: Vec<Seq> = ix.page("bob#p", None, 10, 0).into_iter().map(|(_, s)| s).collect();
+        let page: Vec<Seq> = ix.page("bob#p", None, 10, 0).into_iter().map(|(_, h)| h.seq).collect();
         assert_eq!(page, vec![2, 4]);
         assert!(ix.plan_ack("bob#p", &[m(1)]).is_none(), "acked once, gone");
         assert!(!ix.has_done(), "eve holds them all");
         let acked = ix.plan_ack("eve#p", &[m(1), m(2)]).unwrap();
         ix.apply_ack("eve#p", acked);
         assert_eq!(ix.take_done(), vec![1]);
+        assert_eq!(ix.cached, 3 * 4, "the body of every row still held stays in memory, once");
+    }
+
+    #[test]
+    fn a_page_ends_before_the_first_row_not_yet_committed() {
+        let mut ix = Inboxes::default();
+        ix.append(1, &m(1), &["bob#p".into()], i64::MAX, None, "one");
+        ix.committed();
+        ix.append(2, &m(2), &["bob#p".into()], i64::MAX, None, "two");
+        let page: Vec<MessageId> = ix.page("bob#p", None, 10, 0).into_iter().map(|(m, _)| m).collect();
+        assert_eq!(page, vec![m(1)]);
+        ix.committed();
+        assert_eq!(ix.page("bob#p", None, 10, 0).len(), 2);
     }
 }

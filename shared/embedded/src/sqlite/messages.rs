@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
-use super::inboxes::{Inboxes, Seq, dedupe_hash, save_cursor};
+use super::inboxes::{Held, Inboxes, Seq, dedupe_hash, save_cursor};
 use super::rows::{dedupe_text, from_json, id, json, message_from_row};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::Result;
@@ -53,8 +53,17 @@ fn append(
         expires_at
     ])?;
     let hash = chat.zip(dedupe).map(|(chat, key)| dedupe_hash(chat, key));
-    lock(inboxes).append(seq, message, recipients, expires_at, hash);
+    lock(inboxes).append(seq, message, recipients, expires_at, hash, body);
     Ok(())
+}
+
+/// A held row's body: from memory if kept there, else from the log.
+fn body_of(c: &Connection, held: &Held) -> rusqlite::Result<Option<String>> {
+    if let Some(body) = &held.body {
+        return Ok(Some(body.to_string()));
+    }
+    let body = c.prepare_cached("SELECT body FROM log WHERE seq = ?1")?.query_row([held.seq], |r| r.get(0));
+    Ok(body.optional()?.flatten())
 }
 
 /// Rewrites the recipients of row `seq`: `from` becomes `to`, or goes.
@@ -219,20 +228,18 @@ impl MessageStore for SqliteStore {
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>> {
         let listed = lock(&self.inner.inboxes).page(&inbox.key(), after, limit, now);
-        if listed.is_empty() {
-            return Ok(Vec::new());
+        if listed.iter().all(|(_, held)| held.body.is_some()) {
+            return Ok(listed
+                .into_iter()
+                .map(|(m, held)| (m, held.body.unwrap_or_default().to_string()))
+                .collect());
         }
         self.read(move |c| {
-            let mut body = c.prepare_cached("SELECT body FROM log WHERE seq = ?1")?;
             let mut page = Vec::with_capacity(listed.len());
-            for (message, seq) in listed {
-                match body.query_row([seq], |r| r.get::<_, Option<String>>(0)).optional()? {
-                    Some(Some(body)) => page.push((message, body)),
-                    // Acked and compacted since the index was read.
-                    Some(None) => {}
-                    // Not committed yet: the page ends before it, so no later
-                    // cursor skips it.
-                    None => break,
+            for (message, held) in listed {
+                // None: acked (or expired) and gone since the index was read.
+                if let Some(body) = body_of(c, &held)? {
+                    page.push((message, body));
                 }
             }
             Ok(page)
@@ -281,10 +288,9 @@ impl MessageStore for SqliteStore {
         let acked = self
             .write(move |c| {
                 let Some(plan) = lock(&inboxes).plan_ack(&key, &ids) else { return Ok(Vec::new()) };
-                let mut body = c.prepare_cached("SELECT body FROM log WHERE seq = ?1")?;
                 let mut acked = Vec::with_capacity(plan.rows.len());
-                for (message, seq) in &plan.rows {
-                    if let Some(Some(body)) = body.query_row([seq], |r| r.get(0)).optional()? {
+                for (message, held) in &plan.rows {
+                    if let Some(body) = body_of(c, held)? {
                         acked.push((message.clone(), body));
                     }
                 }

@@ -52,11 +52,13 @@ pub(super) fn checkpoint_loop(conn: Connection, commits: mpsc::Receiver<()>) {
 
 /// The writer thread: take what is waiting, run it in one transaction, commit,
 /// answer, and tell the checkpointer. `committed` is dropped when it ends,
-/// which stops the checkpointer. `recover` runs after a commit failed.
+/// which stops the checkpointer. `on_commit` runs after each commit, before
+/// its writes are answered; `recover` after a commit failed.
 pub(super) fn write_loop(
     mut conn: Connection,
     ops: mpsc::Receiver<WriteOp>,
     committed: mpsc::SyncSender<()>,
+    on_commit: impl Fn(),
     recover: impl Fn(&Connection),
 ) {
     while let Ok(first) = ops.recv() {
@@ -75,6 +77,7 @@ pub(super) fn write_loop(
         })();
         match commit {
             Ok(completions) => {
+                on_commit();
                 // Full means a checkpoint is already asked for.
                 let _ = committed.try_send(());
                 completions.into_iter().for_each(|done| done(Ok(())));
