@@ -395,9 +395,9 @@ pub fn checks(scenario: &str, shape: &Shape, results: &[TargetResult]) -> Vec<Ch
         "backlog" => {
             let drain = courier.drain_ms.unwrap_or(f64::INFINITY);
             checks.push(Check {
-                goal: "backlog synced and acked in at most 150 ms".into(),
+                goal: "backlog synced and acked in at most 100 ms".into(),
                 value: format!("{drain:.1} ms (+ {:.1} ms to connect)", courier.connect_ms.unwrap_or(0.0)),
-                met: drain <= 150.0 && courier.undelivered == 0,
+                met: drain <= 100.0 && courier.undelivered == 0,
                 caveat: size_caveat(format!("{} messages", shape.messages), "10000 messages"),
             });
         }
@@ -409,9 +409,9 @@ pub fn checks(scenario: &str, shape: &Shape, results: &[TargetResult]) -> Vec<Ch
         "idle" => {
             if let Some(rss) = courier.rss_mb {
                 checks.push(Check {
-                    goal: "idle connections in at most 150 MB RSS".into(),
+                    goal: "idle connections in at most 120 MB RSS".into(),
                     value: format!("{rss:.1} MB"),
-                    met: rss <= 150.0,
+                    met: rss <= 120.0,
                     caveat: size_caveat(format!("{} connections", shape.connections), "10000 connections"),
                 });
             }
