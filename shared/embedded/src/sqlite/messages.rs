@@ -1,6 +1,7 @@
 //! `MessageStore` on SQLite: each message appended to the log once, each inbox derived from it (see `inboxes.rs`).
 
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -12,6 +13,11 @@ use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::Result;
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
 use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+
+/// The longest the bodies of rows every inbox acked stay in the log.
+const COMPACT_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+/// Log rows one expiry write deletes at most.
+const EXPIRE_SLICE: usize = 5_000;
 
 /// A message row as the feed reads it: once fanned out, without its body.
 const MESSAGE_ROW: &str =
@@ -109,7 +115,8 @@ impl SqliteStore {
     /// Drops the bodies of rows every inbox has acked, in the next commit:
     /// the ack that freed them does not wait for it. A row that keeps a
     /// dedupe key stays, without body or recipients, until it expires.
-    fn compact(&self) {
+    pub(super) fn compact(&self) {
+        self.inner.compaction_due.store(false, Ordering::Release);
         let inboxes = self.inner.inboxes.clone();
         let queued = self.write_detached("compaction", move |c| {
             let done = lock(&inboxes).take_done();
@@ -128,10 +135,24 @@ impl SqliteStore {
         }
     }
 
-    /// Compacts if an ack left rows that no inbox holds.
+    /// Compacts, within [`COMPACT_AFTER`], if acks left rows that no inbox
+    /// holds: one write for all the acks of that while, not one each (at a
+    /// low rate, each would be a commit of its own).
     pub(super) fn compact_if_done(&self) {
-        if lock(&self.inner.inboxes).has_done() {
-            self.compact();
+        if !lock(&self.inner.inboxes).has_done() || self.inner.compaction_due.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let store = Arc::downgrade(&self.inner);
+                runtime.spawn(async move {
+                    tokio::time::sleep(COMPACT_AFTER).await;
+                    if let Some(inner) = store.upgrade() {
+                        SqliteStore { inner }.compact();
+                    }
+                });
+            }
+            Err(_) => self.compact(),
         }
     }
 }
@@ -332,27 +353,122 @@ impl MessageStore for SqliteStore {
     }
 
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
-        let inboxes = self.inner.inboxes.clone();
-        self.write(move |c| {
-            let gone: Vec<(Seq, String, Option<String>, Option<String>, Option<String>)> = c
-                .prepare_cached(
-                    "DELETE FROM log WHERE expires_at <= ?1 RETURNING seq, message_id, chat_id, recipients, dedupe",
-                )?
-                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            let dedupe = c.execute("DELETE FROM device_message_dedupe WHERE expires_at <= ?1", [now])?;
-            let mut forgotten = Vec::with_capacity(gone.len());
-            for (seq, message, chat, recipients, key) in &gone {
-                let recipients: Vec<String> = recipients.as_deref().map(from_json).transpose()?.unwrap_or_default();
-                let hash = chat.as_deref().zip(key.as_deref()).map(|(chat, key)| dedupe_hash(chat, key));
-                forgotten.push((*seq, id::<MessageId>(message.clone())?, recipients, hash));
+        // In slices, each its own write: the writes of senders and ackers
+        // queued meanwhile commit between them instead of after all of it.
+        let mut total = 0;
+        loop {
+            let inboxes = self.inner.inboxes.clone();
+            let (rows, more) = self
+                .write(move |c| {
+                    let gone: Vec<(Seq, String, Option<String>, Option<String>, Option<String>)> = c
+                        .prepare_cached(
+                            "DELETE FROM log WHERE seq IN (SELECT seq FROM log WHERE expires_at <= ?1 LIMIT ?2)
+                             RETURNING seq, message_id, chat_id, recipients, dedupe",
+                        )?
+                        .query_map(params![now, EXPIRE_SLICE as i64], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        })?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let mut forgotten = Vec::with_capacity(gone.len());
+                    for (seq, message, chat, recipients, key) in &gone {
+                        let recipients: Vec<String> =
+                            recipients.as_deref().map(from_json).transpose()?.unwrap_or_default();
+                        let hash = chat.as_deref().zip(key.as_deref()).map(|(chat, key)| dedupe_hash(chat, key));
+                        forgotten.push((*seq, id::<MessageId>(message.clone())?, recipients, hash));
+                    }
+                    let mut index = lock(&inboxes);
+                    for (seq, message, recipients, hash) in &forgotten {
+                        index.forget(*seq, message, recipients, *hash);
+                    }
+                    Ok((gone.len() as u64, gone.len() == EXPIRE_SLICE))
+                })
+                .await?;
+            total += rows;
+            if !more {
+                break;
             }
-            let mut index = lock(&inboxes);
-            for (seq, message, recipients, hash) in &forgotten {
-                index.forget(*seq, message, recipients, *hash);
+        }
+        let dedupe = self
+            .write(move |c| c.execute("DELETE FROM device_message_dedupe WHERE expires_at <= ?1", [now]))
+            .await?;
+        Ok(total + dedupe as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::sqlite::Durability;
+    use courier_core::ports::SystemClock;
+
+    fn message(n: u32, to: &[&str]) -> StoredMessage {
+        let id = format!("01JDX00000000000000000M{n:03}");
+        StoredMessage {
+            chat: ChatId::try_from("01JDX0000000000000000000C1".to_owned()).unwrap(),
+            id: MessageId::try_from(id.clone()).unwrap(),
+            timestamp: n as Millis,
+            json: format!(r#"{{"messageId":"{id}","message":"text {n}"}}"#),
+            recipients: to.iter().map(|k| InboxKey::parse(k).unwrap()).collect(),
+            fanned_out: true,
+        }
+    }
+
+    async fn page(store: &SqliteStore, inbox: &str) -> Vec<String> {
+        let page = store.inbox_page(&InboxKey::parse(inbox).unwrap(), None, 10, 0).await.unwrap();
+        page.into_iter().map(|(id, _)| id.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn what_each_inbox_holds_survives_a_reopen_and_acked_text_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let sent: Vec<StoredMessage> = (1..=3).map(|n| message(n, &["bob#p", "eve#p"])).collect();
+        {
+            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+            for m in &sent {
+                assert_eq!(store.store(m, None, i64::MAX).await.unwrap(), Store::Stored);
             }
-            Ok((gone.len() + dedupe) as u64)
-        })
-        .await
+            // Out of order: m2 stays held below bob's position.
+            let bob = InboxKey::parse("bob#p").unwrap();
+            let acked = store.ack(&bob, &[sent[0].id.clone(), sent[2].id.clone()]).await.unwrap();
+            assert_eq!(acked.len(), 2);
+            // Eve's device goes, with what she held.
+            let inboxes = store.inner.inboxes.clone();
+            store.write(move |c| drop_inbox(c, &inboxes, "eve#p")).await.unwrap();
+            store.compact_if_done();
+            store.flush().await.unwrap();
+            store.close();
+        }
+        let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
+        assert_eq!(page(&store, "bob#p").await, vec![sent[1].id.to_string()], "bob still holds m2 alone");
+        assert!(page(&store, "eve#p").await.is_empty(), "eve's inbox is gone for good");
+        let texts: Vec<String> = store
+            .read(|c| {
+                c.prepare("SELECT body FROM log WHERE body IS NOT NULL")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(texts, vec![sent[1].json.clone()], "only the text some inbox holds is kept");
+        let named: i64 = store
+            .read(|c| {
+                c.query_row(
+                    "SELECT (SELECT count(*) FROM log WHERE recipients LIKE '%eve#p%')
+                          + (SELECT count(*) FROM cursors WHERE inbox = 'eve#p')",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(named, 0, "no row names eve's inbox");
+        // A new device under the same id starts empty, and gets what comes next.
+        let m4 = message(4, &["bob#p", "eve#p"]);
+        store.store(&m4, None, i64::MAX).await.unwrap();
+        assert_eq!(page(&store, "eve#p").await, vec![m4.id.to_string()]);
+        store.close();
     }
 }

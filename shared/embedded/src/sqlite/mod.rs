@@ -84,6 +84,8 @@ struct Inner {
     keys: ReadCache<UserId, Vec<DeviceKeys>>,
     /// Which inbox holds which message (the writer's to change).
     inboxes: Arc<Mutex<Inboxes>>,
+    /// A compaction is scheduled (see `compact_if_done`).
+    compaction_due: std::sync::atomic::AtomicBool,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
     clock: Arc<dyn courier_core::ports::Clock>,
@@ -171,6 +173,7 @@ impl SqliteStore {
                 devices: ReadCache::new(),
                 keys: ReadCache::new(),
                 inboxes,
+                compaction_due: Default::default(),
                 jobs_queued: Notify::new(),
                 clock,
             }),
@@ -230,7 +233,11 @@ impl SqliteStore {
     }
 
     /// Waits until every write queued before this call has committed.
+    /// Compaction waiting to run runs now, so it is committed too.
     pub async fn flush(&self) -> Result<()> {
+        if messages::lock(&self.inner.inboxes).has_done() {
+            self.compact();
+        }
         self.write(|_| Ok(())).await
     }
 
