@@ -113,9 +113,9 @@ pub struct Check {
 /// What each target promises when it answers, so nobody reads the ratios as like for like.
 pub fn guarantees(durability: &str) -> Vec<String> {
     let courier = if durability == "disk" {
-        "courier: SUCCESS after the message and its inbox rows are committed and fsynced (durability=disk): survives a crash and a power cut"
+        "courier: SUCCESS after the message's log row (body and recipient inboxes) is committed and fsynced (durability=disk): survives a crash and a power cut"
     } else {
-        "courier: SUCCESS after the message and its inbox rows are committed to SQLite (WAL, durability=process): survives the process being killed, not a power cut (--durability disk fsyncs each commit group)"
+        "courier: SUCCESS after the message's log row (body and recipient inboxes) is committed to SQLite (WAL, durability=process): survives the process being killed, not a power cut (--durability disk fsyncs each commit group)"
     };
     vec![
         courier.to_owned(),

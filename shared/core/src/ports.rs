@@ -103,7 +103,7 @@ pub struct StoredMessage {
     pub timestamp: Millis,
     pub json: String,
     pub recipients: Vec<InboxKey>,
-    /// Once set, the body is gone from the message row; the inbox rows hold it.
+    /// Once set, `message` returns no body: the inboxes hold it.
     pub fanned_out: bool,
 }
 
@@ -124,7 +124,7 @@ pub enum Store {
 
 #[async_trait]
 pub trait MessageStore: Send + Sync {
-    /// Durably stores the message and one inbox row per recipient, or finds
+    /// Durably stores the message for every recipient inbox, or finds
     /// the earlier message with the same dedupe key. After `Ok(Stored)`, the
     /// message reaches every recipient even if the process dies.
     /// A message stored `fanned_out` is stored done: its row keeps no body
