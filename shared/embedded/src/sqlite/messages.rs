@@ -14,8 +14,6 @@ use courier_core::error::Result;
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
 use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
 
-/// The longest the bodies of rows every inbox acked stay in the log.
-const COMPACT_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 /// Log rows one expiry write deletes at most.
 const EXPIRE_SLICE: usize = 5_000;
 
@@ -116,9 +114,11 @@ impl SqliteStore {
     /// the ack that freed them does not wait for it. A row that keeps a
     /// dedupe key stays, without body or recipients, until it expires.
     pub(super) fn compact(&self) {
-        self.inner.compaction_due.store(false, Ordering::Release);
-        let inboxes = self.inner.inboxes.clone();
+        let (inboxes, inner) = (self.inner.inboxes.clone(), Arc::downgrade(&self.inner));
         let queued = self.write_detached("compaction", move |c| {
+            if let Some(inner) = inner.upgrade() {
+                inner.compaction_due.store(false, Ordering::Release);
+            }
             let done = lock(&inboxes).take_done();
             let mut delete = c.prepare_cached("DELETE FROM log WHERE seq = ?1 AND dedupe IS NULL")?;
             let mut empty =
@@ -135,24 +135,12 @@ impl SqliteStore {
         }
     }
 
-    /// Compacts, within [`COMPACT_AFTER`], if acks left rows that no inbox
-    /// holds: one write for all the acks of that while, not one each (at a
-    /// low rate, each would be a commit of its own).
+    /// Compacts if acks left rows that no inbox holds. At most one such
+    /// write waits in the queue at a time: it takes every row done by the
+    /// time it runs.
     pub(super) fn compact_if_done(&self) {
-        if !lock(&self.inner.inboxes).has_done() || self.inner.compaction_due.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let store = Arc::downgrade(&self.inner);
-                runtime.spawn(async move {
-                    tokio::time::sleep(COMPACT_AFTER).await;
-                    if let Some(inner) = store.upgrade() {
-                        SqliteStore { inner }.compact();
-                    }
-                });
-            }
-            Err(_) => self.compact(),
+        if lock(&self.inner.inboxes).has_done() && !self.inner.compaction_due.swap(true, Ordering::AcqRel) {
+            self.compact();
         }
     }
 }

@@ -84,7 +84,7 @@ struct Inner {
     keys: ReadCache<UserId, Vec<DeviceKeys>>,
     /// Which inbox holds which message (the writer's to change).
     inboxes: Arc<Mutex<Inboxes>>,
-    /// A compaction is scheduled (see `compact_if_done`).
+    /// A compaction write is queued and has not started (see `compact_if_done`).
     compaction_due: std::sync::atomic::AtomicBool,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
