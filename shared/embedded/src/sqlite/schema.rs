@@ -264,6 +264,28 @@ mod tests {
     use courier_core::domain::InboxKey;
     use courier_core::ids::{ChatId, MessageId};
     use courier_core::ports::{MessageStore, SystemClock};
+    use std::path::Path;
+
+    /// Today's tables at `path` with the messages and inbox tables of layouts
+    /// 2 to 4 in place of the log and the cursors, then `downgrade` run on
+    /// them: a database of an older layout, for the test to fill.
+    fn older_layout(path: &Path, downgrade: &str) -> Connection {
+        SqliteStore::open(path, Durability::Process, Arc::new(SystemClock)).unwrap().close();
+        let old = Connection::open(path).unwrap();
+        old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
+        old.execute_batch("DROP TABLE log; DROP TABLE cursors;").unwrap();
+        old.execute_batch(downgrade).unwrap();
+        old
+    }
+
+    /// Opens the store at `path`, which must then be of the newest layout.
+    async fn open_newest(path: &Path) -> SqliteStore {
+        let store = SqliteStore::open(path, Durability::Process, Arc::new(SystemClock)).unwrap();
+        let version: i64 =
+            store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
+        assert_eq!(version, LAYOUT);
+        store
+    }
 
     #[tokio::test]
     async fn a_database_of_the_first_layout_keeps_its_messages() {
@@ -328,19 +350,14 @@ mod tests {
             // Layouts 3 and 4 only add tables, indexes and columns, so layout
             // 2 is today's schema without them; its rows are written as
             // layout 2 wrote them.
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            store.close();
-            let old = Connection::open(&path).unwrap();
-            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
-            old.execute_batch(
-                "DROP TABLE log; DROP TABLE cursors;
-                 DROP INDEX attachments_uploader;
+            let old = older_layout(
+                &path,
+                "DROP INDEX attachments_uploader;
                  DROP TABLE device_keys; DROP TABLE one_time_keys;
                  DROP TABLE key_claims; DROP TABLE receipts; DROP TABLE device_message_dedupe;
                  ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
                  PRAGMA user_version = 2;",
-            )
-            .unwrap();
+            );
             old.execute(
                 "INSERT INTO chats VALUES (?1, ?2, 0)",
                 params![
@@ -371,10 +388,7 @@ mod tests {
         let phone: DeviceId = id("phone".into()).unwrap();
         for round in 0..2 {
             // Opened twice: the second open finds the new layout and leaves it be.
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            let version: i64 =
-                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, LAYOUT);
+            let store = open_newest(&path).await;
             let key = InboxKey::parse(inbox).unwrap();
             let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
             assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
@@ -436,16 +450,11 @@ mod tests {
             // Layout 4 only adds the two device columns, so layout 3 is
             // today's schema without them; its rows of every table that
             // version 2 of the protocol brought are written as layout 3 wrote them.
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            store.close();
-            let old = Connection::open(&path).unwrap();
-            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
-            old.execute_batch(
-                "DROP TABLE log; DROP TABLE cursors;
-                 ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
+            let old = older_layout(
+                &path,
+                "ALTER TABLE devices DROP COLUMN push; ALTER TABLE devices DROP COLUMN woken_at;
                  PRAGMA user_version = 3;",
-            )
-            .unwrap();
+            );
             old.execute(
                 "INSERT INTO chats VALUES (?1, ?2, 0)",
                 params![
@@ -482,10 +491,7 @@ mod tests {
         };
         for round in 0..2 {
             // Opened twice: the second open finds the newest layout and leaves it be.
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            let version: i64 =
-                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, LAYOUT);
+            let store = open_newest(&path).await;
             let key = InboxKey::parse(inbox).unwrap();
             let page = store.inbox_page(&key, None, 10, 0).await.unwrap();
             assert_eq!(page, vec![(id::<MessageId>(message.into()).unwrap(), body.to_owned())]);
@@ -536,11 +542,7 @@ mod tests {
         {
             // Layout 4 is today's schema with the messages and inbox tables
             // instead of the log and the cursors.
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            store.close();
-            let old = Connection::open(&path).unwrap();
-            old.execute_batch(LAYOUT_2_MESSAGES).unwrap();
-            old.execute_batch("DROP TABLE log; DROP TABLE cursors; PRAGMA user_version = 4;").unwrap();
+            let old = older_layout(&path, "PRAGMA user_version = 4;");
             // M1 went to bob, carol and dave (no device yet); carol acked it.
             old.execute(
                 "INSERT INTO messages VALUES (?1, ?2, 5, NULL, '[]', 1, 'alice#laptop#c-1', ?3)",
@@ -568,10 +570,7 @@ mod tests {
         let (alice, dave): (UserId, UserId) = (id("alice".into()).unwrap(), id("dave".into()).unwrap());
         let tab: DeviceId = id("tab".into()).unwrap();
         for round in 0..2 {
-            let store = SqliteStore::open(&path, Durability::Process, Arc::new(SystemClock)).unwrap();
-            let version: i64 =
-                store.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0))).await.unwrap();
-            assert_eq!(version, LAYOUT);
+            let store = open_newest(&path).await;
             let carol = store.inbox_page(&key("carol#phone"), None, 10, 0).await.unwrap();
             assert_eq!(carol, vec![(mid(d1), body(d1))], "the device message stays carol's alone");
             let retry = StoredMessage {
