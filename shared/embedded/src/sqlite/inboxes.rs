@@ -89,6 +89,8 @@ pub(super) struct Inboxes {
     committed: Seq,
     /// Rows no inbox holds any more, whose bodies compaction drops.
     done: Vec<Seq>,
+    /// A compaction write is queued and has not taken `done` yet.
+    compaction_queued: bool,
     /// (chat, dedupe key), hashed, to the row that first used it. A lookup
     /// reads the row and compares, so a collision costs a read, never a wrong answer.
     dedupe: HashMap<u64, Seq>,
@@ -147,8 +149,10 @@ impl Inboxes {
             let mut holding = 0;
             for key in recipients {
                 let inbox = this.inboxes.entry(key).or_default();
-                let acked =
-                    inbox.cursor.as_ref().is_some_and(|c| seq <= c.position && !c.held.contains(&seq));
+                let acked = inbox
+                    .cursor
+                    .as_ref()
+                    .is_some_and(|c| seq <= c.position && c.held.binary_search(&seq).is_err());
                 if !acked {
                     inbox.hold(message.clone(), held.clone());
                     holding += 1;
@@ -156,7 +160,7 @@ impl Inboxes {
             }
             this.settle(seq, holding, 0);
         }
-        this.committed = this.next - 1;
+        this.mark_committed();
         Ok(this)
     }
 
@@ -192,7 +196,7 @@ impl Inboxes {
     }
 
     /// Every row appended so far is committed.
-    pub(super) fn committed(&mut self) {
+    pub(super) fn mark_committed(&mut self) {
         self.committed = self.next - 1;
     }
 
@@ -304,8 +308,8 @@ impl Inboxes {
         }
     }
 
-    /// `from`'s rows move to `to`; those `to` already holds are dropped from `from`.
-    /// Returns how many moved; `cursor` is `to`'s after the move, if it changes.
+    /// `from`'s rows move to `to`; those `to` already holds are dropped from
+    /// `from` (false in the list). Also `to`'s cursor after the move, if it changes.
     pub(super) fn plan_claim(&self, from: &str, to: &str) -> (Vec<(MessageId, Held, bool)>, Option<Cursor>) {
         let (rows, _) = self.holdings(from);
         let target = self.inboxes.get(to);
@@ -385,13 +389,17 @@ impl Inboxes {
         }
     }
 
-    /// Rows no inbox holds, taken for compaction.
+    /// Rows no inbox holds, taken by the compaction write.
     pub(super) fn take_done(&mut self) -> Vec<Seq> {
+        self.compaction_queued = false;
         std::mem::take(&mut self.done)
     }
 
-    pub(super) fn has_done(&self) -> bool {
-        !self.done.is_empty()
+    /// Whether a compaction write should be queued: rows are done and none is queued yet.
+    pub(super) fn compaction_wanted(&mut self) -> bool {
+        let wanted = !self.done.is_empty() && !self.compaction_queued;
+        self.compaction_queued |= wanted;
+        wanted
     }
 }
 
@@ -409,14 +417,14 @@ mod tests {
         for n in 1..=4 {
             ix.append(n as Seq, &m(n), &["bob#p".into(), "eve#p".into()], i64::MAX, None, "body");
         }
-        ix.committed();
+        ix.mark_committed();
         let acked = ix.plan_ack("bob#p", &[m(1), m(3)]).unwrap();
         assert_eq!(acked.cursor, Cursor { position: 3, held: vec![2] });
         ix.apply_ack("bob#p", acked);
         let page: Vec<Seq> = ix.page("bob#p", None, 10, 0).into_iter().map(|(_, h)| h.seq).collect();
         assert_eq!(page, vec![2, 4]);
         assert!(ix.plan_ack("bob#p", &[m(1)]).is_none(), "acked once, gone");
-        assert!(!ix.has_done(), "eve holds them all");
+        assert!(!ix.compaction_wanted(), "eve holds them all");
         let acked = ix.plan_ack("eve#p", &[m(1), m(2)]).unwrap();
         ix.apply_ack("eve#p", acked);
         assert_eq!(ix.take_done(), vec![1]);
@@ -427,11 +435,11 @@ mod tests {
     fn a_page_ends_before_the_first_row_not_yet_committed() {
         let mut ix = Inboxes::default();
         ix.append(1, &m(1), &["bob#p".into()], i64::MAX, None, "one");
-        ix.committed();
+        ix.mark_committed();
         ix.append(2, &m(2), &["bob#p".into()], i64::MAX, None, "two");
         let page: Vec<MessageId> = ix.page("bob#p", None, 10, 0).into_iter().map(|(m, _)| m).collect();
         assert_eq!(page, vec![m(1)]);
-        ix.committed();
+        ix.mark_committed();
         assert_eq!(ix.page("bob#p", None, 10, 0).len(), 2);
     }
 }

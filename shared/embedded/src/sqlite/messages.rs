@@ -1,7 +1,6 @@
 //! `MessageStore` on SQLite: each message appended to the log once, each inbox derived from it (see `inboxes.rs`).
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -113,12 +112,9 @@ impl SqliteStore {
     /// Drops the bodies of rows every inbox has acked, in the next commit:
     /// the ack that freed them does not wait for it. A row that keeps a
     /// dedupe key stays, without body or recipients, until it expires.
-    pub(super) fn compact(&self) {
-        let (inboxes, inner) = (self.inner.inboxes.clone(), Arc::downgrade(&self.inner));
+    fn compact(&self) {
+        let inboxes = self.inner.inboxes.clone();
         let queued = self.write_detached("compaction", move |c| {
-            if let Some(inner) = inner.upgrade() {
-                inner.compaction_due.store(false, Ordering::Release);
-            }
             let done = lock(&inboxes).take_done();
             let mut delete = c.prepare_cached("DELETE FROM log WHERE seq = ?1 AND dedupe IS NULL")?;
             let mut empty =
@@ -135,11 +131,11 @@ impl SqliteStore {
         }
     }
 
-    /// Compacts if acks left rows that no inbox holds. At most one such
+    /// Compacts if writes left rows that no inbox holds. At most one such
     /// write waits in the queue at a time: it takes every row done by the
     /// time it runs.
     pub(super) fn compact_if_done(&self) {
-        if lock(&self.inner.inboxes).has_done() && !self.inner.compaction_due.swap(true, Ordering::AcqRel) {
+        if lock(&self.inner.inboxes).compaction_wanted() {
             self.compact();
         }
     }
@@ -294,50 +290,42 @@ impl MessageStore for SqliteStore {
 
     async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
         let (key, ids, inboxes) = (inbox.key(), ids.to_vec(), self.inner.inboxes.clone());
-        let acked = self
-            .write(move |c| {
-                let Some(plan) = lock(&inboxes).plan_ack(&key, &ids) else { return Ok(Vec::new()) };
-                let mut acked = Vec::with_capacity(plan.rows.len());
-                for (message, held) in &plan.rows {
-                    if let Some(body) = body_of(c, held)? {
-                        acked.push((message.clone(), body));
-                    }
+        self.write(move |c| {
+            let Some(plan) = lock(&inboxes).plan_ack(&key, &ids) else { return Ok(Vec::new()) };
+            let mut acked = Vec::with_capacity(plan.rows.len());
+            for (message, held) in &plan.rows {
+                if let Some(body) = body_of(c, held)? {
+                    acked.push((message.clone(), body));
                 }
-                save_cursor(c, &key, &plan.cursor)?;
-                lock(&inboxes).apply_ack(&key, plan);
-                Ok(acked)
-            })
-            .await?;
-        self.compact_if_done();
-        Ok(acked)
+            }
+            save_cursor(c, &key, &plan.cursor)?;
+            lock(&inboxes).apply_ack(&key, plan);
+            Ok(acked)
+        })
+        .await
     }
 
     async fn drop_pending(&self, user: &UserId) -> Result<()> {
         let (pending, inboxes) = (InboxKey::Pending(user.clone()).key(), self.inner.inboxes.clone());
-        self.write(move |c| drop_inbox(c, &inboxes, &pending)).await?;
-        self.compact_if_done();
-        Ok(())
+        self.write(move |c| drop_inbox(c, &inboxes, &pending)).await
     }
 
     async fn claim_pending(&self, user: &UserId, device: &DeviceId) -> Result<u64> {
         let pending = InboxKey::Pending(user.clone()).key();
         let target = InboxKey::Device(user.clone(), device.clone()).key();
         let inboxes = self.inner.inboxes.clone();
-        let moved = self
-            .write(move |c| {
-                let (moves, cursor) = lock(&inboxes).plan_claim(&pending, &target);
-                for (_, held, moved) in &moves {
-                    rename_recipient(c, held.seq, &pending, moved.then_some(target.as_str()))?;
-                }
-                if let Some(cursor) = &cursor {
-                    save_cursor(c, &target, cursor)?;
-                }
-                lock(&inboxes).apply_claim(&pending, &target, &moves, cursor);
-                Ok(moves.iter().filter(|(_, _, moved)| *moved).count() as u64)
-            })
-            .await?;
-        self.compact_if_done();
-        Ok(moved)
+        self.write(move |c| {
+            let (moves, cursor) = lock(&inboxes).plan_claim(&pending, &target);
+            for (_, held, moved) in &moves {
+                rename_recipient(c, held.seq, &pending, moved.then_some(target.as_str()))?;
+            }
+            if let Some(cursor) = &cursor {
+                save_cursor(c, &target, cursor)?;
+            }
+            lock(&inboxes).apply_claim(&pending, &target, &moves, cursor);
+            Ok(moves.iter().filter(|(_, _, moved)| *moved).count() as u64)
+        })
+        .await
     }
 
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
@@ -425,7 +413,6 @@ mod tests {
             // Eve's device goes, with what she held.
             let inboxes = store.inner.inboxes.clone();
             store.write(move |c| drop_inbox(c, &inboxes, "eve#p")).await.unwrap();
-            store.compact_if_done();
             store.flush().await.unwrap();
             store.close();
         }

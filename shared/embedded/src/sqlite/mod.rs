@@ -84,8 +84,6 @@ struct Inner {
     keys: ReadCache<UserId, Vec<DeviceKeys>>,
     /// Which inbox holds which message (the writer's to change).
     inboxes: Arc<Mutex<Inboxes>>,
-    /// A compaction write is queued and has not started (see `compact_if_done`).
-    compaction_due: std::sync::atomic::AtomicBool,
     /// Woken when a job is queued, so the runner need not poll for it.
     jobs_queued: Notify,
     clock: Arc<dyn courier_core::ports::Clock>,
@@ -143,7 +141,7 @@ impl SqliteStore {
         // and the index ahead of it: read it again from the database.
         let on_commit = {
             let inboxes = inboxes.clone();
-            move || messages::lock(&inboxes).committed()
+            move || messages::lock(&inboxes).mark_committed()
         };
         let recover = {
             let inboxes = inboxes.clone();
@@ -173,7 +171,6 @@ impl SqliteStore {
                 devices: ReadCache::new(),
                 keys: ReadCache::new(),
                 inboxes,
-                compaction_due: Default::default(),
                 jobs_queued: Notify::new(),
                 clock,
             }),
@@ -219,7 +216,9 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` in the next group commit; answers after that commit.
+    /// Runs `f` in the next group commit; answers after that commit. Any
+    /// write may leave rows no inbox holds (an ack, a removed device), so
+    /// each queues their compaction if none is queued.
     pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
@@ -229,15 +228,15 @@ impl SqliteStore {
         self.queue(f, move |outcome| {
             let _ = tx.send(outcome);
         })?;
-        rx.await.map_err(|_| Error::internal("the store's writer stopped"))?
+        let outcome = rx.await.map_err(|_| Error::internal("the store's writer stopped"))?;
+        self.compact_if_done();
+        outcome
     }
 
     /// Waits until every write queued before this call has committed.
-    /// Compaction waiting to run runs now, so it is committed too.
+    /// A compaction that is due is queued first, so it is committed too.
     pub async fn flush(&self) -> Result<()> {
-        if messages::lock(&self.inner.inboxes).has_done() {
-            self.compact();
-        }
+        self.compact_if_done();
         self.write(|_| Ok(())).await
     }
 
