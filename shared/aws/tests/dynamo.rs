@@ -60,7 +60,8 @@ async fn requests_per_operation() {
 
     t.connect(&b, &phone, &connection("c1"), now, 3, old).await.unwrap();
     // The device row and its slot go in one transaction, so racing devices cannot pass the limit.
-    let new_device = [("GetItem", 2), ("PutItem", 1), ("Query", 2), ("TransactWriteItems", 1)];
+    // The Queries: the live devices, and the inbox and the group-chat positions a device of the same id left.
+    let new_device = [("GetItem", 2), ("PutItem", 1), ("Query", 3), ("TransactWriteItems", 1)];
     assert_eq!(calls.take(), expect(&new_device), "a new device");
     t.connect(&b, &laptop, &connection("c2"), now, 3, old).await.unwrap();
     calls.take();
@@ -113,16 +114,33 @@ async fn requests_per_operation() {
     let many: Vec<InboxKey> =
         (0..60).map(|i| InboxKey::Device(b.clone(), DeviceId::try_from(format!("d{i}")).unwrap())).collect();
     t.store(&message(&many), None, now + DAY_MS).await.unwrap();
-    assert_eq!(calls.take(), expect(&[("BatchWriteItem", 3), ("PutItem", 1)]), "25 inbox rows a call");
+    assert_eq!(
+        calls.take(),
+        expect(&[("BatchGetItem", 1), ("PutItem", 62)]),
+        "a group message: its row, its pointer, the devices' positions read, and made for the chat's first"
+    );
+    let group = message(&many);
+    t.store(&group, None, now + DAY_MS).await.unwrap();
+    assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("PutItem", 2)]), "and then: no inbox rows");
 
     t.holders(&m.id, &two, now).await.unwrap();
-    assert_eq!(calls.take(), expect(&[("BatchGetItem", 1)]));
+    assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("GetItem", 1)]), "no pointer: the inbox rows");
+    t.holders(&group.id, &many, now).await.unwrap();
+    assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("GetItem", 1)]), "the pointer, then the positions");
     t.mark_fanned_out(&chat.id, &m.id).await.unwrap();
     assert_eq!(calls.take(), expect(&[("UpdateItem", 1)]));
     t.inbox_page(&two[0], None, 50, now).await.unwrap();
-    assert_eq!(calls.take(), expect(&[("Query", 1)]));
+    assert_eq!(calls.take(), expect(&[("Query", 2)]), "its positions (none), its rows");
+    t.inbox_page(&many[0], None, 50, now).await.unwrap();
+    assert_eq!(calls.take(), expect(&[("Query", 3)]), "its positions, its rows, the group's messages");
     t.ack(&two[0], std::slice::from_ref(&m.id)).await.unwrap();
-    assert_eq!(calls.take(), expect(&[("DeleteItem", 1)]), "one delete an id, no read");
+    assert_eq!(calls.take(), expect(&[("DeleteItem", 1), ("Query", 1)]), "one delete an id, no read");
+    t.ack(&many[0], std::slice::from_ref(&group.id)).await.unwrap();
+    assert_eq!(
+        calls.take(),
+        expect(&[("BatchGetItem", 1), ("PutItem", 1), ("Query", 1)]),
+        "its positions, the ids' pointers, one position moved a chat"
+    );
 }
 
 /// What the contract cannot see: DynamoDB's paging, rows TTL removes on
@@ -161,7 +179,7 @@ async fn dynamodb_specifics() {
     calls.take();
     let page = t.inbox_page(&inbox, None, 1, now).await.unwrap();
     assert_eq!(page, vec![(live[0].id.clone(), live[0].json.clone())], "past five expired rows");
-    assert_eq!(calls.take().get("Query"), Some(&6), "one row read a call, so six calls");
+    assert_eq!(calls.take().get("Query"), Some(&7), "one row read a call, so six calls, and the positions");
     let page = t.inbox_page(&inbox, Some(&live[0].id), 5, now).await.unwrap();
     assert_eq!(page, vec![(live[1].id.clone(), live[1].json.clone())]);
 

@@ -164,9 +164,9 @@ pub trait MessageStore: Send + Sync {
         dedupe: Option<&DedupeKey>,
         expires_at: Millis,
     ) -> Result<Option<MessageId>>;
-    /// Deletes these ids from one inbox; returns the rows that were there
-    /// (id and wire JSON), so the caller can move receipt markers.
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>>;
+    /// Deletes these ids from one inbox; returns those it held, each with its
+    /// chat (none for a device message), so the caller can move receipt markers.
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, Option<ChatId>)>>;
     /// Deletes a user's pending inbox (rows kept for a user with no device yet).
     async fn drop_pending(&self, user: &UserId) -> Result<()>;
     /// Moves a user's pending rows into the inbox of their first device.

@@ -57,10 +57,31 @@ impl DynamoTables {
         keys: Vec<Item>,
         projection: Option<&str>,
     ) -> Result<Vec<Item>> {
+        self.read_batches(table, keys, projection, true).await
+    }
+
+    /// As [`Self::get_batches`], eventually consistent: half the read units,
+    /// for callers that can tell a row not seen yet from one that is not there.
+    pub(super) async fn get_batches_eventually(
+        &self,
+        table: &str,
+        keys: Vec<Item>,
+        projection: Option<&str>,
+    ) -> Result<Vec<Item>> {
+        self.read_batches(table, keys, projection, false).await
+    }
+
+    async fn read_batches(
+        &self,
+        table: &str,
+        keys: Vec<Item>,
+        projection: Option<&str>,
+        consistent: bool,
+    ) -> Result<Vec<Item>> {
         let calls = keys.chunks(GET_BATCH).map(|chunk| {
             let request = KeysAndAttributes::builder()
                 .set_keys(Some(chunk.to_vec()))
-                .consistent_read(true)
+                .consistent_read(consistent)
                 .set_projection_expression(projection.map(str::to_owned))
                 .build()
                 .map_err(Error::internal);

@@ -9,7 +9,7 @@ use tracing::instrument;
 use super::rows::{ConnectionRow, DeviceRow, from_item, to_item};
 use super::{DynamoTables, Item, cancellation_reasons, condition_failed, in_parallel, key, n, s, ttl_secs};
 use crate::sdk_error;
-use courier_core::domain::{DAY_MS, Device, InboxKey, Millis};
+use courier_core::domain::{DAY_MS, Device, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ConnectionId, DeviceId, UserId};
 use courier_core::ports::{Connected, DeviceStore, PushRegistration};
@@ -293,7 +293,7 @@ impl DynamoTables {
         if let Some(c) = connection {
             self.delete_connection(c).await?;
         }
-        self.delete_inbox(&InboxKey::Device(user.clone(), device.clone()).key()).await
+        self.delete_device_inbox(user, device).await
     }
 
     async fn delete_connection(&self, connection: &ConnectionId) -> Result<()> {
@@ -459,7 +459,7 @@ impl DynamoTables {
                 // The TTL may have taken the row of an expired device before
                 // the clean-up job saw it; its inbox must not outlive it.
                 if !inbox_cleared {
-                    self.delete_inbox(&InboxKey::Device(user.clone(), device.clone()).key()).await?;
+                    self.delete_device_inbox(user, device).await?;
                 }
                 (live == 0, Some(slots))
             }

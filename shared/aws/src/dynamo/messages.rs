@@ -8,13 +8,17 @@ use serde::Deserialize;
 use tracing::instrument;
 
 use super::batch::{delete_request, put_request};
-use super::rows::{DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, from_item, to_item};
+use super::rows::{
+    DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, SharedPart, from_item, to_item,
+};
+use super::shared::{is_shared, positions_of};
 use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs, unique};
 use crate::{SdkFailure, sdk_error};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
 use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+use courier_core::protocol::chat_of;
 
 /// Dedupe rows share the Messages partition of their chat under this sort-key prefix.
 const DEDUPE_PREFIX: &str = "dedupe#";
@@ -32,7 +36,7 @@ fn device_dedupe_partition(key: &DedupeKey) -> String {
 
 /// The time part of a ULID (its first 10 Crockford base-32 digits), or
 /// `None` for an id that is no ULID.
-fn ulid_millis(id: &str) -> Option<Millis> {
+pub(super) fn ulid_millis(id: &str) -> Option<Millis> {
     const DIGITS: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
     if id.len() != 26 {
         return None;
@@ -55,18 +59,21 @@ impl MessageStore for DynamoTables {
         let table = &self.names.messages_table;
         let expires = ttl_secs(expires_at);
         let dedupe = dedupe.map(dedupe_text);
+        let keys = || message.recipients.iter().map(InboxKey::key).collect();
+        let shared = is_shared(&message.recipients);
         let row = MessageRow {
             chat_id: message.chat.clone(),
             message_id: message.id.clone(),
             timestamp: message.timestamp,
             // Stored done, the row is what the mark leaves of it.
-            body: (!message.fanned_out).then(|| message.json.clone()),
-            recipients: match message.fanned_out {
+            body: (!message.fanned_out && !shared).then(|| message.json.clone()),
+            recipients: match message.fanned_out || shared {
                 true => Vec::new(),
-                false => message.recipients.iter().map(InboxKey::key).collect(),
+                false => keys(),
             },
             fanned_out: message.fanned_out,
             dedupe: dedupe.clone(),
+            shared: shared.then(|| SharedPart { body: message.json.clone(), recipients: keys() }),
             expires_at: expires,
         };
         // The message row, then its claim: two conditional puts, half the
@@ -105,7 +112,7 @@ impl MessageStore for DynamoTables {
             self.forget(&message.chat, &message.id).await;
             return self.duplicate(&message.chat, dedupe, first).await;
         }
-        self.put_inbox_rows(&message.id, &message.json, &message.recipients, expires).await?;
+        self.put_copies(message, expires).await?;
         Ok(Store::Stored)
     }
 
@@ -181,26 +188,21 @@ impl MessageStore for DynamoTables {
         Ok(found.into_iter().map(|f| (f.chat_id, f.message_id)).collect())
     }
 
+    /// A group message stored once is held by the devices whose position
+    /// in its chat holds it, and the users with no device yet whose inbox row does.
     async fn holders(&self, id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>> {
-        let lookups =
-            unique(keys).iter().map(|k| key([("inbox", &k.key()), ("messageId", id.as_str())])).collect();
-        let found = self.get_batches(&self.names.inbox_table, lookups, Some("inbox, expiresAt")).await?;
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Held {
-            inbox: String,
-            expires_at: i64,
+        if let Some(chat) = self.shared_chat(id, now).await? {
+            let (devices, pending): (Vec<InboxKey>, Vec<InboxKey>) =
+                keys.iter().cloned().partition(|k| matches!(k, InboxKey::Device(..)));
+            let mut holding = self.shared_holders(&chat, id, &devices).await?;
+            holding.extend(self.inbox_holders(id, &pending, now).await?);
+            return Ok(keys.iter().filter(|k| holding.contains(k)).cloned().collect());
         }
-        let mut live = HashSet::new();
-        for item in found {
-            let held: Held = from_item(item)?;
-            if held.expires_at > now_secs(now) {
-                live.insert(held.inbox);
-            }
-        }
-        Ok(keys.iter().filter(|k| live.contains(&k.key())).cloned().collect())
+        self.inbox_holders(id, keys, now).await
     }
 
+    /// The next page of the inbox rows, merged with the group messages of
+    /// each chat the device has a position in, by messageId.
     async fn inbox_page(
         &self,
         inbox: &InboxKey,
@@ -208,38 +210,15 @@ impl MessageStore for DynamoTables {
         limit: usize,
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>> {
-        let mut page = Vec::new();
-        let mut start = None;
-        // Limit caps the rows read, before the expiry filter drops any, so
-        // one call may come back short with more behind it: read on.
-        while page.len() < limit {
-            let mut query = self
-                .client
-                .query()
-                .table_name(&self.names.inbox_table)
-                .consistent_read(true)
-                .key_condition_expression("inbox = :k")
-                .filter_expression("expiresAt > :now")
-                .expression_attribute_values(":k", s(inbox.key()))
-                .expression_attribute_values(":now", n(now_secs(now)))
-                .limit((limit - page.len()).min(i32::MAX as usize) as i32)
-                .set_exclusive_start_key(start.take());
-            if let Some(after) = after {
-                query = query
-                    .key_condition_expression("inbox = :k AND messageId > :after")
-                    .expression_attribute_values(":after", s(after.as_str()));
-            }
-            let out = query.send().await.map_err(sdk_error)?;
-            for item in out.items.unwrap_or_default() {
-                let row: InboxRow = from_item(item)?;
-                page.push((row.message_id, row.body));
-            }
-            start = out.last_evaluated_key;
-            if start.is_none() {
-                break;
-            }
+        let positions = self.positions(inbox).await?;
+        let mut page = self.inbox_rows(inbox, after, limit, now).await?;
+        let groups = positions.values().map(|p| self.shared_page(inbox, p, after, limit, now));
+        page.extend(in_parallel(groups.collect()).await?.into_iter().flatten());
+        if !positions.is_empty() {
+            page.sort_by(|a, b| a.0.cmp(&b.0));
+            page.dedup_by(|a, b| a.0 == b.0);
+            page.truncate(limit);
         }
-        page.truncate(limit);
         Ok(page)
     }
 
@@ -299,31 +278,24 @@ impl MessageStore for DynamoTables {
         Ok(None)
     }
 
-    /// One DeleteItem per id, in parallel, each returning the row it
-    /// deleted, so the answer needs no read: a delete costs the same write
-    /// unit whether the row was there or not, and reading first cost a read
-    /// unit per id on top (BatchWriteItem returns nothing).
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
-        let inbox = inbox.key();
-        let deletes = unique(ids).into_iter().map(|id| {
-            let inbox = &inbox;
-            async move {
-                let out = self
-                    .client
-                    .delete_item()
-                    .table_name(&self.names.inbox_table)
-                    .set_key(Some(key([("inbox", inbox), ("messageId", id.as_str())])))
-                    .return_values(ReturnValue::AllOld)
-                    .send()
-                    .await
-                    .map_err(sdk_error)?;
-                match out.attributes.filter(|a| !a.is_empty()) {
-                    Some(old) => from_item::<InboxRow>(old).map(|row| Some((row.message_id, row.body))),
-                    None => Ok(None),
-                }
-            }
-        });
-        Ok(in_parallel(deletes.collect()).await?.into_iter().flatten().collect())
+    /// A device with positions (a member of a group chat) looks its ids up
+    /// first: each group message moves its chat's position once. The other
+    /// ids are inbox rows, one DeleteItem each, in parallel, each returning
+    /// the row it deleted, so the answer needs no read: a delete costs the
+    /// same write unit whether the row was there or not, and reading first
+    /// cost a read unit per id on top (BatchWriteItem returns nothing).
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, Option<ChatId>)>> {
+        let positions = self.positions(inbox).await?;
+        let ids = unique(ids);
+        let (mut acked, rest) = self.ack_shared(inbox, &ids, false, &positions).await?;
+        let rows = self.ack_inbox_rows(inbox, &rest).await?;
+        // An id neither found: a pointer written a moment ago may not show
+        // in an eventually consistent read yet.
+        let unseen: Vec<MessageId> =
+            rest.into_iter().filter(|id| !rows.iter().any(|(r, _)| r == id)).collect();
+        acked.extend(rows);
+        acked.extend(self.ack_shared(inbox, &unseen, true, &positions).await?.0);
+        Ok(acked)
     }
 
     async fn drop_pending(&self, user: &UserId) -> Result<()> {
@@ -351,17 +323,113 @@ impl MessageStore for DynamoTables {
 
     /// Deployed, TTL does this within days and this job is a backstop; it is
     /// a Scan of two tables, so it runs on a schedule, never on a request.
+    /// It also drops the text of group messages every device acked (see `shared`).
     #[instrument(level = "debug", skip_all)]
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
         let inbox = self.delete_expired(&self.names.inbox_table, "inbox", "messageId", now).await?;
         let messages = self.delete_expired(&self.names.messages_table, "chatId", "messageId", now).await?;
-        Ok(inbox + messages)
+        let texts = self.drop_finished_shared(now).await?;
+        Ok(inbox + messages + texts)
     }
 }
 
 impl DynamoTables {
+    async fn ack_inbox_rows(
+        &self,
+        inbox: &InboxKey,
+        ids: &[MessageId],
+    ) -> Result<Vec<(MessageId, Option<ChatId>)>> {
+        let inbox = inbox.key();
+        let deletes = ids.iter().map(|id| {
+            let inbox = &inbox;
+            async move {
+                let out = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.names.inbox_table)
+                    .set_key(Some(key([("inbox", inbox), ("messageId", id.as_str())])))
+                    .return_values(ReturnValue::AllOld)
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                match out.attributes.filter(|a| !a.is_empty()) {
+                    Some(old) => {
+                        from_item::<InboxRow>(old).map(|row| Some((row.message_id, chat_of(&row.body))))
+                    }
+                    None => Ok(None),
+                }
+            }
+        });
+        Ok(in_parallel(deletes.collect()).await?.into_iter().flatten().collect())
+    }
+
+    async fn inbox_holders(&self, id: &MessageId, keys: &[InboxKey], now: Millis) -> Result<Vec<InboxKey>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lookups =
+            unique(keys).iter().map(|k| key([("inbox", &k.key()), ("messageId", id.as_str())])).collect();
+        let found = self.get_batches(&self.names.inbox_table, lookups, Some("inbox, expiresAt")).await?;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Held {
+            inbox: String,
+            expires_at: i64,
+        }
+        let mut live = HashSet::new();
+        for item in found {
+            let held: Held = from_item(item)?;
+            if held.expires_at > now_secs(now) {
+                live.insert(held.inbox);
+            }
+        }
+        Ok(keys.iter().filter(|k| live.contains(&k.key())).cloned().collect())
+    }
+
+    async fn inbox_rows(
+        &self,
+        inbox: &InboxKey,
+        after: Option<&MessageId>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<(MessageId, String)>> {
+        let mut page = Vec::new();
+        let mut start = None;
+        // Limit caps the rows read, before the expiry filter drops any, so
+        // one call may come back short with more behind it: read on.
+        while page.len() < limit {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.names.inbox_table)
+                .consistent_read(true)
+                .key_condition_expression("inbox = :k")
+                .filter_expression("expiresAt > :now")
+                .expression_attribute_values(":k", s(inbox.key()))
+                .expression_attribute_values(":now", n(now_secs(now)))
+                .limit((limit - page.len()).min(i32::MAX as usize) as i32)
+                .set_exclusive_start_key(start.take());
+            if let Some(after) = after {
+                query = query
+                    .key_condition_expression("inbox = :k AND messageId > :after")
+                    .expression_attribute_values(":after", s(after.as_str()));
+            }
+            let out = query.send().await.map_err(sdk_error)?;
+            for item in out.items.unwrap_or_default() {
+                let row: InboxRow = from_item(item)?;
+                page.push((row.message_id, row.body));
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        page.truncate(limit);
+        Ok(page)
+    }
+
     /// Every row of one inbox partition, oldest first, expired or not.
-    async fn inbox_partition(&self, inbox: &str, projection: Option<&str>) -> Result<Vec<Item>> {
+    pub(super) async fn inbox_partition(&self, inbox: &str, projection: Option<&str>) -> Result<Vec<Item>> {
         self.client
             .query()
             .table_name(&self.names.inbox_table)
@@ -377,8 +445,15 @@ impl DynamoTables {
             .map_err(sdk_error)
     }
 
+    /// Deletes a device's inbox: its rows and its positions in group chats.
+    pub(super) async fn delete_device_inbox(&self, user: &UserId, device: &DeviceId) -> Result<()> {
+        let inbox = InboxKey::Device(user.clone(), device.clone()).key();
+        self.delete_inbox(&inbox).await?;
+        self.delete_inbox(&positions_of(&inbox)).await
+    }
+
     /// Deletes a whole inbox partition.
-    pub(super) async fn delete_inbox(&self, inbox: &str) -> Result<()> {
+    async fn delete_inbox(&self, inbox: &str) -> Result<()> {
         let keys = self.inbox_partition(inbox, Some("inbox, messageId")).await?;
         let deletes = keys.into_iter().map(delete_request).collect::<Result<Vec<_>>>()?;
         self.write_batches(&self.names.inbox_table, deletes).await
@@ -463,7 +538,7 @@ impl DynamoTables {
             )));
         };
         if !first.fanned_out {
-            self.put_inbox_rows(&first.id, &first.json, &first.recipients, claim.expires_at).await?;
+            self.put_copies(&first, claim.expires_at).await?;
         }
         Ok(Store::Duplicate(first))
     }
@@ -515,6 +590,19 @@ impl DynamoTables {
             Err(e) if condition_failed(&e) => Ok(()),
             other => other.map(drop).map_err(sdk_error),
         }
+    }
+
+    /// What makes a stored message reach its recipients: a group message's
+    /// pointer and positions (and inbox rows for users with no device yet),
+    /// or an inbox row per recipient.
+    async fn put_copies(&self, message: &StoredMessage, expires_at: i64) -> Result<()> {
+        if !is_shared(&message.recipients) {
+            return self.put_inbox_rows(&message.id, &message.json, &message.recipients, expires_at).await;
+        }
+        self.share(message, expires_at).await?;
+        let pending: Vec<InboxKey> =
+            message.recipients.iter().filter(|k| matches!(k, InboxKey::Pending(_))).cloned().collect();
+        self.put_inbox_rows(&message.id, &message.json, &pending, expires_at).await
     }
 
     async fn put_inbox_rows(

@@ -1,8 +1,8 @@
 //! `DynamoTables`: every table port on DynamoDB, with the keys and indexes of [`super::schema`].
 //!
 //! One file per port (`chats`, `devices`, `messages`, `attachments`,
-//! `quotas`, `keys`, `receipts`), the items they write in `rows`, and
-//! batched calls of any size in `batch`.
+//! `quotas`, `keys`, `receipts`), group messages stored once in `shared`,
+//! the items they write in `rows`, and batched calls of any size in `batch`.
 
 mod attachments;
 mod batch;
@@ -13,6 +13,7 @@ mod messages;
 mod quotas;
 mod receipts;
 mod rows;
+mod shared;
 
 use std::collections::{HashMap, HashSet};
 

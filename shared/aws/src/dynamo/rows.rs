@@ -130,20 +130,70 @@ pub(super) struct MessageRow {
     pub(super) fanned_out: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) dedupe: Option<String>,
+    /// A group message stored once (see `shared`): its text and recipients
+    /// for the devices, kept past the fan-out mark, which removes only the
+    /// top-level `body` and `recipients`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) shared: Option<SharedPart>,
     pub(super) expires_at: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SharedPart {
+    pub(super) body: String,
+    pub(super) recipients: Vec<String>,
 }
 
 impl From<MessageRow> for StoredMessage {
     fn from(r: MessageRow) -> Self {
+        let (body, recipients) = match r.shared {
+            Some(shared) => (Some(shared.body), shared.recipients),
+            None => (r.body, r.recipients),
+        };
         Self {
             chat: r.chat_id,
             id: r.message_id,
             timestamp: r.timestamp,
-            json: r.body.unwrap_or_default(),
-            recipients: r.recipients.iter().filter_map(|k| InboxKey::parse(k)).collect(),
+            json: body.unwrap_or_default(),
+            recipients: recipients.iter().filter_map(|k| InboxKey::parse(k)).collect(),
             fanned_out: r.fanned_out,
         }
     }
+}
+
+/// Where one device stands in one chat's group messages (see `shared`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PositionRow {
+    /// `positions#user#device`
+    pub(super) inbox: String,
+    /// The chat id, under the Inbox table's sort key.
+    pub(super) message_id: ChatId,
+    /// The device holds none of the chat's messages up to here but `held`.
+    pub(super) after: String,
+    /// Sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) held: Vec<String>,
+    /// Acked after `after`; sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) acked: Vec<String>,
+    /// Bumped by every ack: the condition of the next.
+    pub(super) version: u64,
+    pub(super) expires_at: i64,
+}
+
+/// Names a group message's chat, for an ack (which names ids only).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PointerRow {
+    /// `message#id#chat`
+    pub(super) inbox: String,
+    pub(super) message_id: MessageId,
+    pub(super) chat_id: ChatId,
+    /// The sending device's inbox key: it never holds its own message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) sender: Option<String>,
+    pub(super) expires_at: i64,
 }
 
 /// Claims a dedupe key within a chat and names the message that claimed it.

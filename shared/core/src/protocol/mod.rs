@@ -628,6 +628,17 @@ pub fn stored_frame(stored: &str) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
+/// The `chatId` of a stored message's wire JSON; `None` for a device
+/// message (which has none) or a row that is no message.
+pub fn chat_of(stored: &str) -> Option<ChatId> {
+    #[derive(Deserialize)]
+    struct ChatOf {
+        #[serde(rename = "chatId")]
+        chat_id: Option<ChatId>,
+    }
+    serde_json::from_str::<ChatOf>(stored).ok()?.chat_id
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatUpdate {

@@ -56,26 +56,21 @@ impl Courier {
     }
 
     /// Moves the caller's delivered marker in each chat up to the newest of
-    /// the chat messages an ack removed (`rows` as the inbox held them).
-    pub(super) async fn delivered(&self, caller: &Caller, rows: &[(MessageId, String)]) {
-        #[derive(serde::Deserialize)]
-        struct ChatOf {
-            #[serde(rename = "chatId")]
-            chat_id: Option<ChatId>,
-        }
-        let mut newest: BTreeMap<ChatId, MessageId> = BTreeMap::new();
-        for (id, json) in rows {
-            let Ok(ChatOf { chat_id: Some(chat) }) = serde_json::from_str::<ChatOf>(json) else { continue };
-            let entry = newest.entry(chat).or_insert_with(|| id.clone());
-            if id > entry {
-                *entry = id.clone();
+    /// the chat messages an ack removed (`acked` as the store returned them).
+    pub(super) async fn delivered(&self, caller: &Caller, acked: &[(MessageId, Option<ChatId>)]) {
+        let mut newest: BTreeMap<&ChatId, &MessageId> = BTreeMap::new();
+        for (id, chat) in acked {
+            let Some(chat) = chat else { continue };
+            let entry = newest.entry(chat).or_insert(id);
+            if id > *entry {
+                *entry = id;
             }
         }
         for (chat, id) in newest {
-            let to = Markers { delivered: Some(id), ..Markers::default() };
+            let to = Markers { delivered: Some(id.clone()), ..Markers::default() };
             let result = async {
-                if let Some(now) = self.ports.receipts.advance(&chat, &caller.user, &to).await?
-                    && let Some(chat) = self.ports.chats.chat(&chat).await?
+                if let Some(now) = self.ports.receipts.advance(chat, &caller.user, &to).await?
+                    && let Some(chat) = self.ports.chats.chat(chat).await?
                     && chat.is_member(&caller.user)
                 {
                     self.tell_receipt(&chat, caller, &now, false).await;

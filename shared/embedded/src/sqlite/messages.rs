@@ -288,14 +288,14 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, String)>> {
+    async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, Option<ChatId>)>> {
         let (key, ids, inboxes) = (inbox.key(), ids.to_vec(), self.inner.inboxes.clone());
         self.write(move |c| {
             let Some(plan) = lock(&inboxes).plan_ack(&key, &ids) else { return Ok(Vec::new()) };
             let mut acked = Vec::with_capacity(plan.rows.len());
             for (message, held) in &plan.rows {
                 if let Some(body) = body_of(c, held)? {
-                    acked.push((message.clone(), body));
+                    acked.push((message.clone(), courier_core::protocol::chat_of(&body)));
                 }
             }
             save_cursor(c, &key, &plan.cursor)?;

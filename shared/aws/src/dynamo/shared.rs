@@ -1,0 +1,616 @@
+//! Group messages stored once: the message row keeps the text for every recipient device, and each device a position per chat.
+//!
+//! A chat message with at least [`SHARED_FROM`] recipient devices gets no
+//! inbox row per device. Its Messages row keeps the wire JSON and the
+//! recipient keys in `shared` (a map the fan-out mark leaves alone) until
+//! every device acked it, or it expires. Each recipient device has one
+//! position item per chat in the Inbox table, under `positions#user#device`
+//! and the chat id: it holds every message of the chat listing it after
+//! `after` that it has not acked (`acked`), and the ids in `held` (older ones
+//! it has not acked). A pointer item, `message#id#chat`, gives an ack, which
+//! names ids only, the chat of each. Users with no device yet still get an
+//! inbox row, which their first device claims.
+//!
+//! Per recipient device this trades the inbox row's put and delete (2 write
+//! units) for reads: the positions at send and at delivery, the pointers at
+//! ack, and a position update per ack frame. docs/cost.md counts both.
+//!
+//! Ids are ULIDs, ordered by the time the sender's function made them, and
+//! a row may land up to that function's timeout after its id's time. So a
+//! position moves `after` only past ids older than [`LATE_MS`], and a new
+//! position starts that far before the message that made it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::AttributeValue;
+use serde::Deserialize;
+
+use super::messages::ulid_millis;
+use super::rows::{PointerRow, PositionRow, from_item, to_item};
+use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, unique};
+use crate::sdk_error;
+use courier_core::domain::{InboxKey, Millis};
+use courier_core::error::{Error, Result};
+use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
+use courier_core::ports::StoredMessage;
+
+/// Recipient devices from which a chat message is stored once. A chat of
+/// two users has at most five (three devices each, less the sender's), so
+/// only groups are: there, per device, the inbox row costs more than the
+/// reads that replace it.
+pub(super) const SHARED_FROM: usize = 6;
+
+/// How long after its id's time a message row may still land: more than
+/// sendMessage's timeout (template.yaml: 10 s), with room for clock skew.
+const LATE_MS: Millis = 60_000;
+
+/// Acked ids a position keeps above `after` before an ack moves `after`.
+const COMPACT_AT: usize = 64;
+
+/// A position is kept as long as the newest message it may hold; a send
+/// pushes its expiry out when it would end more than this much earlier.
+const REFRESH_SECS: i64 = 24 * 3600;
+
+/// An ack whose position changed under it reads it again, this often.
+const ACK_ATTEMPTS: usize = 5;
+
+/// Whether a message to these recipients is stored once.
+pub(super) fn is_shared(recipients: &[InboxKey]) -> bool {
+    recipients.iter().filter(|k| matches!(k, InboxKey::Device(..))).count() >= SHARED_FROM
+}
+
+/// The partition of one device's positions. Two `#`: never an inbox key.
+pub(super) fn positions_of(inbox: &str) -> String {
+    format!("positions#{inbox}")
+}
+
+fn pointer_of(id: &MessageId) -> String {
+    format!("message#{id}#chat")
+}
+
+/// The smallest ULID of a millisecond: every id made then or later sorts after it.
+fn ulid_floor(ms: Millis) -> String {
+    const DIGITS: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let ms = ms.max(0) as u64;
+    let time: String = (0..10).rev().map(|i| DIGITS[((ms >> (5 * i)) & 31) as usize] as char).collect();
+    format!("{time}{}", "0".repeat(16))
+}
+
+fn wall_clock() -> Millis {
+    use courier_core::ports::{Clock, SystemClock};
+    SystemClock.now()
+}
+
+impl PositionRow {
+    fn holds(&self, id: &str) -> bool {
+        self.held.binary_search_by(|h| h.as_str().cmp(id)).is_ok()
+            || (id > self.after.as_str() && self.acked.binary_search_by(|a| a.as_str().cmp(id)).is_err())
+    }
+
+    /// Records the ack of `id`; false if the position did not hold it.
+    fn ack(&mut self, id: &str) -> bool {
+        if let Ok(at) = self.held.binary_search_by(|h| h.as_str().cmp(id)) {
+            self.held.remove(at);
+            return true;
+        }
+        if id <= self.after.as_str() {
+            return false;
+        }
+        match self.acked.binary_search_by(|a| a.as_str().cmp(id)) {
+            Ok(_) => false,
+            Err(at) => {
+                self.acked.insert(at, id.to_owned());
+                true
+            }
+        }
+    }
+
+    /// Moves `after` up to `to`: `listing` are the chat's live rows in
+    /// between that list this device; those not acked become `held`.
+    fn advance(&mut self, to: &str, listing: Vec<String>) {
+        for id in listing {
+            if id.as_str() > self.after.as_str()
+                && id.as_str() <= to
+                && self.acked.binary_search(&id).is_err()
+                && let Err(at) = self.held.binary_search(&id)
+            {
+                self.held.insert(at, id);
+            }
+        }
+        self.acked.retain(|a| a.as_str() > to);
+        self.after = to.to_owned();
+    }
+}
+
+impl DynamoTables {
+    /// Makes a group message reach its devices: its pointer, then a
+    /// position for each device that has none in the chat (or one that
+    /// would expire before the message). Before the send's answer, so a
+    /// crash after it loses nothing.
+    pub(super) async fn share(&self, message: &StoredMessage, expires_at: i64) -> Result<()> {
+        let table = &self.names.inbox_table;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Sender {
+            user_id: UserId,
+            device_id: DeviceId,
+        }
+        let sender = serde_json::from_str::<Sender>(&message.json).ok();
+        let pointer = PointerRow {
+            inbox: pointer_of(&message.id),
+            message_id: message.id.clone(),
+            chat_id: message.chat.clone(),
+            sender: sender.map(|s| InboxKey::Device(s.user_id, s.device_id).key()),
+            expires_at,
+        };
+        self.client
+            .put_item()
+            .table_name(table)
+            .set_item(Some(to_item(&pointer)?))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+
+        let devices: Vec<String> = unique(&message.recipients)
+            .iter()
+            .filter(|k| matches!(k, InboxKey::Device(..)))
+            .map(|k| positions_of(&k.key()))
+            .collect();
+        let lookups =
+            devices.iter().map(|p| key([("inbox", p), ("messageId", message.chat.as_str())])).collect();
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Found {
+            inbox: String,
+            expires_at: i64,
+        }
+        let found: HashMap<String, i64> = self
+            .get_batches(table, lookups, Some("inbox, expiresAt"))
+            .await?
+            .into_iter()
+            .map(|item| from_item::<Found>(item).map(|f| (f.inbox, f.expires_at)))
+            .collect::<Result<_>>()?;
+        let after = ulid_floor(message.timestamp - LATE_MS);
+        let writes = devices.into_iter().filter_map(|partition| {
+            let fresh = match found.get(&partition) {
+                None => true,
+                Some(&e) if e < expires_at - REFRESH_SECS => false,
+                Some(_) => return None,
+            };
+            let (chat, after) = (&message.chat, &after);
+            Some(async move {
+                if fresh {
+                    let position = PositionRow {
+                        inbox: partition,
+                        message_id: chat.clone(),
+                        after: after.clone(),
+                        held: Vec::new(),
+                        acked: Vec::new(),
+                        version: 0,
+                        expires_at,
+                    };
+                    // A racing send may have made it first: then it stands.
+                    let put = self
+                        .client
+                        .put_item()
+                        .table_name(table)
+                        .set_item(Some(to_item(&position)?))
+                        .condition_expression("attribute_not_exists(inbox)")
+                        .send()
+                        .await;
+                    unless_condition_failed(put)
+                } else {
+                    let update = self
+                        .client
+                        .update_item()
+                        .table_name(table)
+                        .set_key(Some(key([("inbox", &partition), ("messageId", chat.as_str())])))
+                        .update_expression("SET expiresAt = :e")
+                        .condition_expression("attribute_exists(inbox) AND expiresAt < :e")
+                        .expression_attribute_values(":e", n(expires_at))
+                        .send()
+                        .await;
+                    unless_condition_failed(update)
+                }
+            })
+        });
+        in_parallel(writes.collect()).await.map(drop)
+    }
+
+    /// The chat of each of these ids that is a group message stored once.
+    async fn pointers(&self, ids: &[MessageId], consistent: bool) -> Result<HashMap<MessageId, PointerRow>> {
+        let lookups: Vec<Item> =
+            ids.iter().map(|id| key([("inbox", &pointer_of(id)), ("messageId", id.as_str())])).collect();
+        let table = &self.names.inbox_table;
+        let items = match consistent {
+            true => self.get_batches(table, lookups, None).await?,
+            false => self.get_batches_eventually(table, lookups, None).await?,
+        };
+        items.into_iter().map(|i| from_item::<PointerRow>(i).map(|p| (p.message_id.clone(), p))).collect()
+    }
+
+    /// The chat of a group message stored once, while it lives; `None` for any other message.
+    pub(super) async fn shared_chat(&self, id: &MessageId, now: Millis) -> Result<Option<ChatId>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.names.inbox_table)
+            .set_key(Some(key([("inbox", &pointer_of(id)), ("messageId", id.as_str())])))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        let Some(item) = out.item else { return Ok(None) };
+        let pointer: PointerRow = from_item(item)?;
+        Ok((pointer.expires_at > now_secs(now)).then_some(pointer.chat_id))
+    }
+
+    /// Every position of one device, by chat.
+    pub(super) async fn positions(&self, inbox: &InboxKey) -> Result<BTreeMap<ChatId, PositionRow>> {
+        if !matches!(inbox, InboxKey::Device(..)) {
+            return Ok(BTreeMap::new());
+        }
+        let items = self.inbox_partition(&positions_of(&inbox.key()), None).await?;
+        items.into_iter().map(|i| from_item::<PositionRow>(i).map(|p| (p.message_id.clone(), p))).collect()
+    }
+
+    /// Of these recipient keys of a group message, those still holding it.
+    pub(super) async fn shared_holders(
+        &self,
+        chat: &ChatId,
+        id: &MessageId,
+        keys: &[InboxKey],
+    ) -> Result<Vec<InboxKey>> {
+        let lookups = unique(keys)
+            .iter()
+            .filter(|k| matches!(k, InboxKey::Device(..)))
+            .map(|k| key([("inbox", &positions_of(&k.key())), ("messageId", chat.as_str())]))
+            .collect();
+        let mut holding = std::collections::HashSet::new();
+        for item in self.get_batches(&self.names.inbox_table, lookups, None).await? {
+            let position: PositionRow = from_item(item)?;
+            if position.holds(id.as_str()) {
+                holding.insert(position.inbox);
+            }
+        }
+        Ok(keys.iter().filter(|k| holding.contains(&positions_of(&k.key()))).cloned().collect())
+    }
+
+    /// Up to `limit` group messages of one chat that this device holds,
+    /// after `cursor`, oldest first.
+    pub(super) async fn shared_page(
+        &self,
+        inbox: &InboxKey,
+        position: &PositionRow,
+        cursor: Option<&MessageId>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<Vec<(MessageId, String)>> {
+        let chat = position.message_id.as_str();
+        let past = |id: &str| cursor.is_none_or(|c| id > c.as_str());
+        let mut page = Vec::new();
+        let held: Vec<Item> = position
+            .held
+            .iter()
+            .filter(|h| past(h))
+            .take(limit)
+            .map(|h| key([("chatId", chat), ("messageId", h)]))
+            .collect();
+        for item in self.get_batches(&self.names.messages_table, held, None).await? {
+            if let Some(live) = from_item::<SharedBody>(item)?.live(now) {
+                page.push(live);
+            }
+        }
+        let from = match cursor {
+            Some(c) if c.as_str() > position.after.as_str() => c.as_str(),
+            _ => position.after.as_str(),
+        };
+        let mut start = None;
+        let mut newer = 0;
+        while newer < limit {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.names.messages_table)
+                .consistent_read(true)
+                .key_condition_expression("chatId = :c AND messageId > :from")
+                .filter_expression("contains(#s.recipients, :me) AND expiresAt > :now")
+                .projection_expression("messageId, #s.body, expiresAt")
+                .expression_attribute_names("#s", "shared")
+                .expression_attribute_values(":c", s(chat))
+                .expression_attribute_values(":from", s(from))
+                .expression_attribute_values(":me", s(inbox.key()))
+                .expression_attribute_values(":now", n(now_secs(now)))
+                .limit((limit - newer).min(i32::MAX as usize) as i32)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            for item in out.items.unwrap_or_default() {
+                if let Some((id, body)) = from_item::<SharedBody>(item)?.live(now)
+                    && position.acked.binary_search_by(|a| a.as_str().cmp(id.as_str())).is_err()
+                {
+                    page.push((id, body));
+                    newer += 1;
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// Acks group messages: each id is looked up for its chat, and each
+    /// chat's position of this device moves once. Returns the ids it held
+    /// with their chats; `rest` are the ids that are no group message this
+    /// device has a position for (inbox rows, or unknown).
+    pub(super) async fn ack_shared(
+        &self,
+        inbox: &InboxKey,
+        ids: &[MessageId],
+        consistent: bool,
+        positions: &BTreeMap<ChatId, PositionRow>,
+    ) -> Result<(Vec<(MessageId, Option<ChatId>)>, Vec<MessageId>)> {
+        if positions.is_empty() || ids.is_empty() {
+            return Ok((Vec::new(), ids.to_vec()));
+        }
+        let found = self.pointers(ids, consistent).await?;
+        let mut by_chat: BTreeMap<&ChatId, Vec<&MessageId>> = BTreeMap::new();
+        let mut rest = Vec::new();
+        let me = inbox.key();
+        for id in ids {
+            match found.get(id) {
+                Some(p) if p.sender.as_deref() != Some(&me) && positions.contains_key(&p.chat_id) => {
+                    by_chat.entry(&p.chat_id).or_default().push(id)
+                }
+                // Another chat's, or its own: nothing this device holds.
+                Some(_) => {}
+                None => rest.push(id.clone()),
+            }
+        }
+        let moves = by_chat.into_iter().map(|(chat, ids)| {
+            let position = positions[chat].clone();
+            async move {
+                let acked = self.move_position(inbox, position, &ids).await?;
+                Ok(acked.into_iter().map(|id| (id, Some(chat.clone()))).collect::<Vec<_>>())
+            }
+        });
+        let acked = in_parallel(moves.collect()).await?.into_iter().flatten().collect();
+        Ok((acked, rest))
+    }
+
+    /// Records the acks of `ids` on one position, conditional on its
+    /// version; read again and retried if another ack moved it meanwhile.
+    async fn move_position(
+        &self,
+        inbox: &InboxKey,
+        mut position: PositionRow,
+        ids: &[&MessageId],
+    ) -> Result<Vec<MessageId>> {
+        for _ in 0..ACK_ATTEMPTS {
+            let mut next = position.clone();
+            let acked: Vec<MessageId> =
+                ids.iter().filter(|id| next.ack(id.as_str())).map(|&id| id.clone()).collect();
+            if acked.is_empty() {
+                return Ok(acked);
+            }
+            if next.acked.len() > COMPACT_AT {
+                self.compact(inbox, &mut next).await?;
+            }
+            next.version += 1;
+            let put = self
+                .client
+                .put_item()
+                .table_name(&self.names.inbox_table)
+                .set_item(Some(to_item(&next)?))
+                .condition_expression("#v = :v")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":v", n(position.version as i64))
+                .send()
+                .await;
+            match put {
+                Ok(_) => return Ok(acked),
+                Err(e) if condition_failed(&e) => {}
+                Err(e) => return Err(sdk_error(e)),
+            }
+            let again = self
+                .client
+                .get_item()
+                .table_name(&self.names.inbox_table)
+                .set_key(Some(key([("inbox", &position.inbox), ("messageId", position.message_id.as_str())])))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            match again.item {
+                Some(item) => position = from_item(item)?,
+                // Removed meanwhile (the device, or its expiry): nothing left to ack.
+                None => return Ok(Vec::new()),
+            }
+        }
+        Err(Error::unavailable("an inbox position kept changing under its ack; retry"))
+    }
+
+    /// Moves `after` up to the newest acked id old enough that no row older
+    /// can still land, reading which rows in between list this device.
+    async fn compact(&self, inbox: &InboxKey, position: &mut PositionRow) -> Result<()> {
+        let cutoff = wall_clock() - LATE_MS;
+        let Some(to) =
+            position.acked.iter().rev().find(|a| ulid_millis(a).is_some_and(|t| t < cutoff)).cloned()
+        else {
+            return Ok(());
+        };
+        let listing: Vec<Item> = self
+            .client
+            .query()
+            .table_name(&self.names.messages_table)
+            .consistent_read(true)
+            .key_condition_expression("chatId = :c AND messageId BETWEEN :from AND :to")
+            .filter_expression("contains(#s.recipients, :me)")
+            .projection_expression("messageId")
+            .expression_attribute_names("#s", "shared")
+            .expression_attribute_values(":c", s(position.message_id.as_str()))
+            .expression_attribute_values(":from", s(&position.after))
+            .expression_attribute_values(":to", s(&to))
+            .expression_attribute_values(":me", s(inbox.key()))
+            .into_paginator()
+            .items()
+            .send()
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(sdk_error)?;
+        let listing = listing
+            .into_iter()
+            .filter_map(|mut i| match i.remove("messageId") {
+                Some(AttributeValue::S(id)) => Some(id),
+                _ => None,
+            })
+            .collect();
+        position.advance(&to, listing);
+        Ok(())
+    }
+
+    /// The clean-up's part for group messages: the text of each one no
+    /// device holds any more goes (the row stays for its dedupe key and
+    /// the fan-out's safety net, as the mark leaves other rows). Returns how many.
+    pub(super) async fn drop_finished_shared(&self, now: Millis) -> Result<u64> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Listed {
+            chat_id: ChatId,
+            message_id: MessageId,
+            shared: Recipients,
+        }
+        #[derive(Deserialize)]
+        struct Recipients {
+            recipients: Vec<String>,
+        }
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.names.messages_table)
+            .filter_expression("attribute_exists(#s) AND expiresAt > :now")
+            .projection_expression("chatId, messageId, #s.recipients")
+            .expression_attribute_names("#s", "shared")
+            .expression_attribute_values(":now", n(now_secs(now)))
+            .into_paginator()
+            .send();
+        let mut dropped = 0;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(sdk_error)?;
+            let listed = page.items.unwrap_or_default().into_iter().map(from_item::<Listed>);
+            let checks = listed.map(|listed| async move {
+                let listed = listed?;
+                let keys: Vec<InboxKey> =
+                    listed.shared.recipients.iter().filter_map(|k| InboxKey::parse(k)).collect();
+                if !self.shared_holders(&listed.chat_id, &listed.message_id, &keys).await?.is_empty() {
+                    return Ok(0);
+                }
+                let dropped = self
+                    .client
+                    .update_item()
+                    .table_name(&self.names.messages_table)
+                    .set_key(Some(key([
+                        ("chatId", listed.chat_id.as_str()),
+                        ("messageId", listed.message_id.as_str()),
+                    ])))
+                    .update_expression("REMOVE #s")
+                    .condition_expression("attribute_exists(#s)")
+                    .expression_attribute_names("#s", "shared")
+                    .send()
+                    .await;
+                match dropped {
+                    Ok(_) => Ok(1),
+                    Err(e) if condition_failed(&e) => Ok(0),
+                    Err(e) => Err(sdk_error(e)),
+                }
+            });
+            dropped += in_parallel(checks.collect()).await?.into_iter().sum::<u64>();
+        }
+        Ok(dropped)
+    }
+}
+
+/// A conditional write that lost to an equal one is as good as done.
+fn unless_condition_failed<T, E>(written: std::result::Result<T, SdkError<E>>) -> Result<()>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match written {
+        Err(e) if condition_failed(&e) => Ok(()),
+        other => other.map(drop).map_err(sdk_error),
+    }
+}
+
+/// A group message's text as sync reads it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SharedBody {
+    message_id: MessageId,
+    #[serde(default)]
+    shared: Option<Body>,
+    expires_at: i64,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    body: String,
+}
+
+impl SharedBody {
+    /// The id and text, unless expired or already dropped.
+    fn live(self, now: Millis) -> Option<(MessageId, String)> {
+        (self.expires_at > now_secs(now)).then_some((self.message_id, self.shared?.body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(after: &str) -> PositionRow {
+        PositionRow {
+            inbox: "positions#bob#phone".into(),
+            message_id: ChatId::try_from("chat".to_owned()).unwrap(),
+            after: after.into(),
+            held: Vec::new(),
+            acked: Vec::new(),
+            version: 0,
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_floor_sorts_before_every_id_of_its_millisecond_and_after_every_earlier_one() {
+        let ids = courier_core::ids::IdGen::new();
+        for ms in [0, 1, 1_800_000_000_123] {
+            let floor = ulid_floor(ms);
+            assert_eq!(ulid_millis(&floor), Some(ms));
+            assert!(floor.as_str() <= ids.message(ms).as_str());
+            if ms > 0 {
+                assert!(floor.as_str() > ids.message(ms - 1).as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn a_position_holds_what_it_has_not_acked_and_keeps_skipped_ids_when_it_moves() {
+        let mut p = position("B");
+        assert!(!p.holds("A"), "before after: not held");
+        assert!(p.holds("C") && p.holds("D"));
+        assert!(p.ack("D") && !p.ack("D"), "an id is acked once");
+        assert!(!p.ack("A"), "nothing before after is held");
+        assert!(p.holds("C") && !p.holds("D"));
+        // The chat's rows for this device up to E were C, D and E: C was skipped.
+        assert!(p.ack("E"));
+        p.advance("E", vec!["C".into(), "D".into(), "E".into()]);
+        assert_eq!((p.after.as_str(), p.held.clone(), p.acked.clone()), ("E", vec!["C".to_owned()], vec![]));
+        assert!(p.holds("C") && !p.holds("D") && !p.holds("E") && p.holds("F"));
+        assert!(p.ack("C") && !p.holds("C") && p.held.is_empty());
+    }
+}
