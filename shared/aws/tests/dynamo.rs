@@ -126,7 +126,11 @@ async fn requests_per_operation() {
     t.holders(&m.id, &two, now).await.unwrap();
     assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("GetItem", 1)]), "no pointer: the inbox rows");
     t.holders(&group.id, &many, now).await.unwrap();
-    assert_eq!(calls.take(), expect(&[("BatchGetItem", 1), ("GetItem", 1)]), "the pointer, then the positions");
+    assert_eq!(
+        calls.take(),
+        expect(&[("BatchGetItem", 1), ("GetItem", 1)]),
+        "the pointer, then the positions"
+    );
     t.mark_fanned_out(&chat.id, &m.id).await.unwrap();
     assert_eq!(calls.take(), expect(&[("UpdateItem", 1)]));
     t.inbox_page(&two[0], None, 50, now).await.unwrap();

@@ -11,7 +11,7 @@ use super::batch::{delete_request, put_request};
 use super::rows::{
     DedupeRow, DeviceDedupeRow, DeviceItem, InboxRow, MessageRow, SharedPart, from_item, to_item,
 };
-use super::shared::{is_shared, positions_of};
+use super::shared::is_shared;
 use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, ttl_secs, unique};
 use crate::{SdkFailure, sdk_error};
 use courier_core::domain::{InboxKey, Millis};
@@ -445,11 +445,12 @@ impl DynamoTables {
             .map_err(sdk_error)
     }
 
-    /// Deletes a device's inbox: its rows and its positions in group chats.
+    /// Deletes a device's inbox: its rows, and what its positions in group
+    /// chats hold (see `shared::reset_positions`).
     pub(super) async fn delete_device_inbox(&self, user: &UserId, device: &DeviceId) -> Result<()> {
         let inbox = InboxKey::Device(user.clone(), device.clone()).key();
         self.delete_inbox(&inbox).await?;
-        self.delete_inbox(&positions_of(&inbox)).await
+        self.reset_positions(&inbox).await
     }
 
     /// Deletes a whole inbox partition.

@@ -26,6 +26,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Deserialize;
 
+use super::batch::put_request;
 use super::messages::ulid_millis;
 use super::rows::{PointerRow, PositionRow, from_item, to_item};
 use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, unique};
@@ -253,6 +254,31 @@ impl DynamoTables {
         }
         let items = self.inbox_partition(&positions_of(&inbox.key()), None).await?;
         items.into_iter().map(|i| from_item::<PositionRow>(i).map(|p| (p.message_id.clone(), p))).collect()
+    }
+
+    /// A removed device's positions are reset, not deleted: they then hold
+    /// nothing sent before now, so a new device that takes the same id
+    /// starts empty, as a device new to a chat does (no message lists it
+    /// there without making its position first).
+    pub(super) async fn reset_positions(&self, inbox: &str) -> Result<()> {
+        let after = ulid_floor(wall_clock());
+        let resets = self
+            .inbox_partition(&positions_of(inbox), None)
+            .await?
+            .into_iter()
+            .map(|item| {
+                let old: PositionRow = from_item(item)?;
+                let reset = PositionRow {
+                    after: after.clone(),
+                    held: Vec::new(),
+                    acked: Vec::new(),
+                    version: old.version + 1,
+                    ..old
+                };
+                put_request(to_item(&reset)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write_batches(&self.names.inbox_table, resets).await
     }
 
     /// Of these recipient keys of a group message, those still holding it.
