@@ -8,8 +8,8 @@
 //! | participants | `chatId`, `userId`; index `byUser`: `userId`, `chatId` | one membership, for listChats |
 //! | devices | `userId`, `deviceId` | live connectionId, lastSeen, push (the registration, a map) and wokenAt (the wake mark), TTL lastSeen + 30 d |
 //! | connections | `connectionId` | userId, deviceId, TTL connectedAt + 2 h 10 min |
-//! | messages | `chatId`, `messageId` | the wire JSON until fan-out is done, recipients, fannedOut, TTL; streamed. Dedupe rows share it under `messageId` = `dedupe#user#device#clientMessageId` |
-//! | inbox | `inbox` (`user#device` or `user#*`), `messageId` | the wire JSON, TTL 30 d. The dedupe rows of sendToDevices share it under `inbox` = `dedupe#user#device`, `messageId` = clientMessageId |
+//! | messages | `chatId`, `messageId` | the wire JSON until fan-out is done, recipients, fannedOut, TTL; streamed. A group message stored once keeps its JSON and recipients in `shared` until every device acked it. Dedupe rows share it under `messageId` = `dedupe#user#device#clientMessageId` |
+//! | inbox | `inbox` (`user#device` or `user#*`), `messageId` | the wire JSON, TTL 30 d. The dedupe rows of sendToDevices share it under `inbox` = `dedupe#user#device`, `messageId` = clientMessageId; a device's position in a group chat under `positions#user#device`, chatId; a group message's pointer under `message#id#chat`, messageId (see `dynamo::shared`) |
 //! | attachments | `attachmentId`; index `byUploader`: `uploader`, `attachmentId` | uploader, contentType, size, sha256, chats (a string set); TTL enabled, but no row carries `expiresAt` yet (see `DynamoTables`' attachment impl) |
 //! | keys | `userId`, `entry` | `bundle#device`: a ready device's identity key, signed prekey, fallback key and its count of one-time prekeys; `otk#device#keyId`: one one-time prekey; `claims#user#device#hour#scope`: an hourly claim counter, TTL |
 //! | receipts | `chatId`, `userId` | the participant's delivered, read and privateRead markers |

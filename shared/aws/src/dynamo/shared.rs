@@ -166,8 +166,11 @@ impl DynamoTables {
             inbox: String,
             expires_at: i64,
         }
+        // Eventually consistent: a position is never deleted before its
+        // expiry, so one not seen yet costs a put that finds it (a failed
+        // condition), never a second position.
         let found: HashMap<String, i64> = self
-            .get_batches(table, lookups, Some("inbox, expiresAt"))
+            .get_batches_eventually(table, lookups, Some("inbox, expiresAt"))
             .await?
             .into_iter()
             .map(|item| from_item::<Found>(item).map(|f| (f.inbox, f.expires_at)))
