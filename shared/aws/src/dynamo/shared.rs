@@ -49,6 +49,9 @@ const LATE_MS: Millis = 60_000;
 /// Acked ids a position keeps above `after` before an ack moves `after`.
 const COMPACT_AT: usize = 64;
 
+/// Rows of the chat one compaction reads at most (one Query page).
+const COMPACT_READ: i32 = 500;
+
 /// A position is kept as long as the newest message it may hold; a send
 /// pushes its expiry out when it would end more than this much earlier.
 const REFRESH_SECS: i64 = 24 * 3600;
@@ -467,12 +470,14 @@ impl DynamoTables {
     /// can still land, reading which rows in between list this device.
     async fn compact(&self, inbox: &InboxKey, position: &mut PositionRow) -> Result<()> {
         let cutoff = wall_clock() - LATE_MS;
-        let Some(to) =
+        let Some(newest) =
             position.acked.iter().rev().find(|a| ulid_millis(a).is_some_and(|t| t < cutoff)).cloned()
         else {
             return Ok(());
         };
-        let listing: Vec<Item> = self
+        // One page of rows at most, so an ack never reads a long stretch
+        // of the chat at once: `after` then stops at the last row read.
+        let out = self
             .client
             .query()
             .table_name(&self.names.messages_table)
@@ -483,23 +488,21 @@ impl DynamoTables {
             .expression_attribute_names("#s", "shared")
             .expression_attribute_values(":c", s(position.message_id.as_str()))
             .expression_attribute_values(":from", s(&position.after))
-            .expression_attribute_values(":to", s(&to))
+            .expression_attribute_values(":to", s(&newest))
             .expression_attribute_values(":me", s(inbox.key()))
-            .into_paginator()
-            .items()
+            .limit(COMPACT_READ)
             .send()
-            .collect::<Vec<_>>()
             .await
-            .into_iter()
-            .collect::<std::result::Result<_, _>>()
             .map_err(sdk_error)?;
-        let listing = listing
-            .into_iter()
-            .filter_map(|mut i| match i.remove("messageId") {
-                Some(AttributeValue::S(id)) => Some(id),
-                _ => None,
-            })
-            .collect();
+        let id_of = |mut item: Item| match item.remove("messageId") {
+            Some(AttributeValue::S(id)) => Some(id),
+            _ => None,
+        };
+        let to = match out.last_evaluated_key {
+            Some(last) => id_of(last).ok_or_else(|| Error::internal("a Messages key without messageId"))?,
+            None => newest,
+        };
+        let listing = out.items.unwrap_or_default().into_iter().filter_map(id_of).collect();
         position.advance(&to, listing);
         Ok(())
     }
