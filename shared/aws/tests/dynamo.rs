@@ -225,6 +225,37 @@ async fn dynamodb_specifics() {
     let again = message(&chat, now + 2, &to);
     assert!(matches!(t.store(&again, Some(&key_), now + DAY_MS).await.unwrap(), Store::Duplicate(_)));
     assert!(t.holders(&first.id, &to, now).await.unwrap().is_empty());
+    // The same for a group message stored once: a send that died after its
+    // row, before its pointer and positions, is finished by the retry.
+    let members: Vec<InboxKey> =
+        (0..6).map(|i| InboxKey::Device(user("member"), device(&format!("m{i}")))).collect();
+    let group_chat = ids.chat(now);
+    let group_key = DedupeKey { client_message_id: "group-once".into(), ..key_.clone() };
+    let sent = message(&group_chat, now, &members);
+    t.store(&sent, Some(&group_key), now + DAY_MS).await.unwrap();
+    let mut lost = vec![(format!("message#{}#chat", sent.id), sent.id.to_string())];
+    lost.extend(members.iter().map(|k| (format!("positions#{}", k.key()), group_chat.to_string())));
+    for (inbox, sort) in lost {
+        client
+            .delete_item()
+            .table_name(&names.inbox_table)
+            .key("inbox", AttributeValue::S(inbox))
+            .key("messageId", AttributeValue::S(sort))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert!(t.holders(&sent.id, &members, now).await.unwrap().is_empty(), "nothing holds it");
+    assert!(t.inbox_page(&members[0], None, 10, now).await.unwrap().is_empty());
+    let retry = message(&group_chat, now + 1, &members);
+    assert!(
+        matches!(t.store(&retry, Some(&group_key), now + DAY_MS).await.unwrap(), Store::Duplicate(m) if m.id == sent.id)
+    );
+    assert_eq!(t.holders(&sent.id, &members, now).await.unwrap(), members, "every device holds it again");
+    assert_eq!(
+        t.inbox_page(&members[0], None, 10, now).await.unwrap(),
+        vec![(sent.id.clone(), sent.json.clone())]
+    );
     // A claim past its expiry, that TTL has not removed yet, is free.
     let short = DedupeKey { client_message_id: "short".into(), ..key_.clone() };
     t.store(&message(&chat, now, &to), Some(&short), now + 1_000).await.unwrap();
