@@ -116,7 +116,7 @@ async fn requests_per_operation() {
     t.store(&message(&many), None, now + DAY_MS).await.unwrap();
     assert_eq!(
         calls.take(),
-        expect(&[("BatchGetItem", 1), ("PutItem", 62)]),
+        expect(&[("BatchGetItem", 1), ("PutItem", 2), ("UpdateItem", 60)]),
         "a group message: its row, its pointer, the devices' positions read, and made for the chat's first"
     );
     let group = message(&many);
@@ -142,7 +142,7 @@ async fn requests_per_operation() {
     t.ack(&many[0], std::slice::from_ref(&group.id)).await.unwrap();
     assert_eq!(
         calls.take(),
-        expect(&[("BatchGetItem", 1), ("PutItem", 1), ("Query", 1)]),
+        expect(&[("BatchGetItem", 1), ("Query", 1), ("UpdateItem", 1)]),
         "its positions, the ids' pointers, one position moved a chat"
     );
 }
@@ -256,6 +256,70 @@ async fn dynamodb_specifics() {
         t.inbox_page(&members[0], None, 10, now).await.unwrap(),
         vec![(sent.id.clone(), sent.json.clone())]
     );
+    // ... and so is one whose positions a later message made first: they
+    // start after it, so the retry puts it in their held ids.
+    let late = DedupeKey { client_message_id: "group-late".into(), ..key_.clone() };
+    let lost = message(&group_chat, now + 10, &members);
+    t.store(&lost, Some(&late), now + DAY_MS).await.unwrap();
+    for k in &members {
+        client
+            .delete_item()
+            .table_name(&names.inbox_table)
+            .key("inbox", AttributeValue::S(format!("positions#{}", k.key())))
+            .key("messageId", AttributeValue::S(group_chat.to_string()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let later = message(&group_chat, now + 120_000, &members);
+    t.store(&later, None, now + DAY_MS).await.unwrap();
+    assert!(t.holders(&lost.id, &members, now).await.unwrap().is_empty(), "its positions start after it");
+    let retry = message(&group_chat, now + 120_001, &members);
+    assert!(
+        matches!(t.store(&retry, Some(&late), now + DAY_MS).await.unwrap(), Store::Duplicate(m) if m.id == lost.id)
+    );
+    assert_eq!(t.holders(&lost.id, &members, now).await.unwrap(), members, "held since the retry");
+    let ids_of = |page: Vec<(MessageId, String)>| page.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    let both = vec![lost.id.clone(), later.id.clone()];
+    assert_eq!(ids_of(t.inbox_page(&members[1], None, 10, now).await.unwrap()), both);
+    assert_eq!(t.ack(&members[1], std::slice::from_ref(&lost.id)).await.unwrap().len(), 1);
+    assert_eq!(ids_of(t.inbox_page(&members[1], None, 10, now).await.unwrap()), both[1..]);
+
+    // A device the chat's newer rows do not list (it left, or only sends):
+    // a sync that finds nothing for it moves its position past them, so the
+    // next one does not read them again.
+    // Ids of 2023 (long settled), from a generator of their own: one
+    // generator never goes back in time.
+    let past: Millis = 1_700_000_000_000;
+    let past_ids = courier_core::ids::IdGen::new();
+    let old_message = |chat: &ChatId, at: Millis, to: &[InboxKey]| StoredMessage {
+        id: past_ids.message(at),
+        ..message(chat, at, to)
+    };
+    let quiet = InboxKey::Device(user("quiet"), device("q"));
+    let quiet_chat = ids.chat(now);
+    let first = old_message(&quiet_chat, past, &[members.clone(), vec![quiet.clone()]].concat());
+    t.store(&first, None, now + DAY_MS).await.unwrap();
+    assert_eq!(t.ack(&quiet, std::slice::from_ref(&first.id)).await.unwrap().len(), 1);
+    let unlisted: Vec<StoredMessage> = (1..4).map(|i| old_message(&quiet_chat, past + i, &members)).collect();
+    for m in &unlisted {
+        t.store(m, None, now + DAY_MS).await.unwrap();
+    }
+    assert!(t.inbox_page(&quiet, None, 10, now).await.unwrap().is_empty());
+    let position = client
+        .get_item()
+        .table_name(&names.inbox_table)
+        .key("inbox", AttributeValue::S(format!("positions#{}", quiet.key())))
+        .key("messageId", AttributeValue::S(quiet_chat.to_string()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let after = position["after"].as_s().unwrap();
+    assert!(after.as_str() > unlisted[2].id.as_str(), "moved past what it read: {after}");
+    assert!(!position.contains_key("acked"), "and what it had acked before: {position:?}");
     // A claim past its expiry, that TTL has not removed yet, is free.
     let short = DedupeKey { client_message_id: "short".into(), ..key_.clone() };
     t.store(&message(&chat, now, &to), Some(&short), now + 1_000).await.unwrap();

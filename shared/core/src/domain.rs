@@ -202,6 +202,13 @@ impl InboxKey {
         }
     }
 
+    /// The user whose inbox this is.
+    pub fn user(&self) -> &UserId {
+        match self {
+            InboxKey::Device(u, _) | InboxKey::Pending(u) => u,
+        }
+    }
+
     pub fn parse(key: &str) -> Option<InboxKey> {
         let (user, device) = key.split_once('#')?;
         let user = UserId::try_from(user).ok()?;

@@ -481,6 +481,17 @@ pub async fn group_messages(t: &Tables) {
         [&all[..1], &all[2..]].concat()
     );
 
+    // That device is a recipient like any other from then on; what it
+    // claimed is still its own to ack.
+    let to_now: Vec<InboxKey> =
+        to.iter().map(|k| if *k == InboxKey::Pending(d.clone()) { d1.clone() } else { k.clone() }).collect();
+    let m4 = stored(&n, &chat, &a, &to_now, NOW + 4, "fourth of the group");
+    t.messages.store(&m4, None, expires).await.unwrap();
+    let claimed_then_new = [&all[..1], &all[2..], std::slice::from_ref(&m4.id)].concat();
+    assert_eq!(page(t.messages.inbox_page(&d1, None, 10, NOW).await.unwrap()), claimed_then_new);
+    assert_eq!(t.messages.ack(&d1, std::slice::from_ref(&m3.id)).await.unwrap(), chat_of(&m3));
+    assert!(!page(t.messages.inbox_page(&d1, None, 10, NOW).await.unwrap()).contains(&m3.id), "acked");
+
     // Once every device acked the first message, no copy of its text remains.
     for inbox in
         to.iter().filter(|k| **k != b1).map(|k| if *k == InboxKey::Pending(d.clone()) { &d1 } else { k })

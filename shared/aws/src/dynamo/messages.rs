@@ -287,14 +287,16 @@ impl MessageStore for DynamoTables {
     async fn ack(&self, inbox: &InboxKey, ids: &[MessageId]) -> Result<Vec<(MessageId, Option<ChatId>)>> {
         let positions = self.positions(inbox).await?;
         let ids = unique(ids);
-        let (mut acked, rest) = self.ack_shared(inbox, &ids, false, &positions).await?;
+        let shared = self.ack_shared(inbox, &ids, false, &positions).await?;
+        let mut acked = shared.acked;
+        let rest: Vec<MessageId> = shared.unknown.iter().chain(&shared.untaken).cloned().collect();
         let rows = self.ack_inbox_rows(inbox, &rest).await?;
-        // An id neither found: a pointer written a moment ago may not show
+        // An id found nowhere: a pointer written a moment ago may not show
         // in an eventually consistent read yet.
         let unseen: Vec<MessageId> =
-            rest.into_iter().filter(|id| !rows.iter().any(|(r, _)| r == id)).collect();
+            shared.unknown.into_iter().filter(|id| !rows.iter().any(|(r, _)| r == id)).collect();
         acked.extend(rows);
-        acked.extend(self.ack_shared(inbox, &unseen, true, &positions).await?.0);
+        acked.extend(self.ack_shared(inbox, &unseen, true, &positions).await?.acked);
         Ok(acked)
     }
 

@@ -171,6 +171,9 @@ pub(super) struct PositionRow {
     pub(super) message_id: ChatId,
     /// The device holds none of the chat's messages up to here but `held`.
     pub(super) after: String,
+    /// Where `after` started (made, or reset): a message at or before it
+    /// that lists the device was never counted in, and goes in `held`.
+    pub(super) since: String,
     /// Sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) held: Vec<String>,
@@ -193,6 +196,10 @@ pub(super) struct PointerRow {
     /// The sending device's inbox key: it never holds its own message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) sender: Option<String>,
+    /// The users who had no device at the send: their copy is an inbox
+    /// row, which their first device claims and acks as such.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) pending: Vec<UserId>,
     pub(super) expires_at: i64,
 }
 

@@ -9,7 +9,9 @@
 //! `after` that it has not acked (`acked`), and the ids in `held` (older ones
 //! it has not acked). A pointer item, `message#id#chat`, gives an ack, which
 //! names ids only, the chat of each. Users with no device yet still get an
-//! inbox row, which their first device claims.
+//! inbox row, which their first device claims; the pointer names them, so
+//! that device's ack deletes the row. docs/architecture.md walks through
+//! each operation.
 //!
 //! Per recipient device this trades the inbox row's put and delete (2 write
 //! units) for reads: the positions at send and at delivery, the pointers at
@@ -26,7 +28,6 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Deserialize;
 
-use super::batch::put_request;
 use super::messages::ulid_millis;
 use super::rows::{PointerRow, PositionRow, from_item, to_item};
 use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, unique};
@@ -55,6 +56,9 @@ const COMPACT_READ: i32 = 500;
 /// A position is kept as long as the newest message it may hold; a send
 /// pushes its expiry out when it would end more than this much earlier.
 const REFRESH_SECS: i64 = 24 * 3600;
+
+/// How long a message is kept at most (PROTOCOL.md: 30 days), with a day's margin.
+const RETENTION_MS: Millis = 31 * 24 * 3600 * 1000;
 
 /// An ack whose position changed under it reads it again, this often.
 const ACK_ATTEMPTS: usize = 5;
@@ -141,11 +145,16 @@ impl DynamoTables {
             device_id: DeviceId,
         }
         let sender = serde_json::from_str::<Sender>(&message.json).ok();
+        let pending = message.recipients.iter().filter_map(|k| match k {
+            InboxKey::Pending(user) => Some(user.clone()),
+            InboxKey::Device(..) => None,
+        });
         let pointer = PointerRow {
             inbox: pointer_of(&message.id),
             message_id: message.id.clone(),
             chat_id: message.chat.clone(),
             sender: sender.map(|s| InboxKey::Device(s.user_id, s.device_id).key()),
+            pending: pending.collect(),
             expires_at,
         };
         self.client
@@ -168,65 +177,84 @@ impl DynamoTables {
         struct Found {
             inbox: String,
             expires_at: i64,
+            since: String,
         }
         // Eventually consistent: a position is never deleted before its
-        // expiry, so one not seen yet costs a put that finds it (a failed
-        // condition), never a second position.
-        let found: HashMap<String, i64> = self
-            .get_batches_eventually(table, lookups, Some("inbox, expiresAt"))
+        // expiry, and the writes below are conditional on what they find.
+        let found: HashMap<String, Found> = self
+            .get_batches_eventually(table, lookups, None)
             .await?
             .into_iter()
-            .map(|item| from_item::<Found>(item).map(|f| (f.inbox, f.expires_at)))
+            .map(|item| from_item::<Found>(item).map(|f| (f.inbox.clone(), f)))
             .collect::<Result<_>>()?;
-        let after = ulid_floor(message.timestamp - LATE_MS);
+        let floor = ulid_floor(message.timestamp - LATE_MS);
+        let id = message.id.as_str();
         let writes = devices.into_iter().filter_map(|partition| {
-            let fresh = match found.get(&partition) {
-                None => true,
-                Some(&e) if e < expires_at - REFRESH_SECS => false,
-                Some(_) => return None,
+            let (make, hold) = match found.get(&partition) {
+                None => (true, false),
+                // Made after this message should have made it (a first
+                // attempt that died, retried later): it holds the id on its own.
+                Some(f) => (f.expires_at < expires_at, id <= f.since.as_str()),
             };
-            let (chat, after) = (&message.chat, &after);
-            Some(async move {
-                if fresh {
-                    let position = PositionRow {
-                        inbox: partition,
-                        message_id: chat.clone(),
-                        after: after.clone(),
-                        held: Vec::new(),
-                        acked: Vec::new(),
-                        version: 0,
-                        expires_at,
-                    };
-                    // A racing send may have made it first: then it stands.
-                    let put = self
-                        .client
-                        .put_item()
-                        .table_name(table)
-                        .set_item(Some(to_item(&position)?))
-                        .condition_expression("attribute_not_exists(inbox)")
-                        .send()
-                        .await;
-                    unless_condition_failed(put)
-                } else {
-                    let update = self
+            let (chat, floor) = (&message.chat, &floor);
+            (make || hold).then(|| async move {
+                let at = key([("inbox", &partition), ("messageId", chat.as_str())]);
+                if make {
+                    // Made, or its expiry pushed a day past the message's, in
+                    // one write whichever: a racing send's or TTL's change in
+                    // between only makes the condition fail or the item anew.
+                    let made = self
                         .client
                         .update_item()
                         .table_name(table)
-                        .set_key(Some(key([("inbox", &partition), ("messageId", chat.as_str())])))
-                        .update_expression("SET expiresAt = :e")
-                        .condition_expression("attribute_exists(inbox) AND expiresAt < :e")
-                        .expression_attribute_values(":e", n(expires_at))
+                        .set_key(Some(at.clone()))
+                        .update_expression(
+                            "SET expiresAt = :e, #a = if_not_exists(#a, :f), #si = if_not_exists(#si, :f), \
+                             #v = if_not_exists(#v, :zero)",
+                        )
+                        .condition_expression("attribute_not_exists(inbox) OR expiresAt < :e")
+                        .expression_attribute_names("#a", "after")
+                        .expression_attribute_names("#si", "since")
+                        .expression_attribute_names("#v", "version")
+                        .expression_attribute_values(":e", n(expires_at + REFRESH_SECS))
+                        .expression_attribute_values(":f", s(floor))
+                        .expression_attribute_values(":zero", n(0))
                         .send()
                         .await;
-                    unless_condition_failed(update)
+                    unless_condition_failed(made)?;
                 }
+                if hold {
+                    let held = self
+                        .client
+                        .update_item()
+                        .table_name(table)
+                        .set_key(Some(at))
+                        .update_expression(
+                            "SET #h = list_append(if_not_exists(#h, :none), :id), #v = #v + :one",
+                        )
+                        .condition_expression("#si >= :i AND NOT contains(#h, :i)")
+                        .expression_attribute_names("#h", "held")
+                        .expression_attribute_names("#si", "since")
+                        .expression_attribute_names("#v", "version")
+                        .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+                        .expression_attribute_values(":id", AttributeValue::L(vec![s(id)]))
+                        .expression_attribute_values(":i", s(id))
+                        .expression_attribute_values(":one", n(1))
+                        .send()
+                        .await;
+                    unless_condition_failed(held)?;
+                }
+                Ok(())
             })
         });
         in_parallel(writes.collect()).await.map(drop)
     }
 
-    /// The chat of each of these ids that is a group message stored once.
+    /// The pointers of these ids (group messages stored once), by id.
     async fn pointers(&self, ids: &[MessageId], consistent: bool) -> Result<HashMap<MessageId, PointerRow>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let lookups: Vec<Item> =
             ids.iter().map(|id| key([("inbox", &pointer_of(id)), ("messageId", id.as_str())])).collect();
         let table = &self.names.inbox_table;
@@ -259,7 +287,7 @@ impl DynamoTables {
             return Ok(BTreeMap::new());
         }
         let items = self.inbox_partition(&positions_of(&inbox.key()), None).await?;
-        items.into_iter().map(|i| from_item::<PositionRow>(i).map(|p| (p.message_id.clone(), p))).collect()
+        items.into_iter().map(|i| position(i).map(|p| (p.message_id.clone(), p))).collect()
     }
 
     /// A removed device's positions are reset, not deleted: they then hold
@@ -267,24 +295,33 @@ impl DynamoTables {
     /// starts empty, as a device new to a chat does (no message lists it
     /// there without making its position first).
     pub(super) async fn reset_positions(&self, inbox: &str) -> Result<()> {
-        let after = ulid_floor(wall_clock());
-        let resets = self
-            .inbox_partition(&positions_of(inbox), None)
-            .await?
-            .into_iter()
-            .map(|item| {
-                let old: PositionRow = from_item(item)?;
-                let reset = PositionRow {
-                    after: after.clone(),
-                    held: Vec::new(),
-                    acked: Vec::new(),
-                    version: old.version + 1,
-                    ..old
-                };
-                put_request(to_item(&reset)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.write_batches(&self.names.inbox_table, resets).await
+        let floor = ulid_floor(wall_clock());
+        let table = &self.names.inbox_table;
+        let items = self.inbox_partition(&positions_of(inbox), Some("inbox, messageId")).await?;
+        let resets = items.into_iter().map(|at| {
+            let floor = &floor;
+            async move {
+                // The version moves on, so an ack that read the old state fails its condition.
+                let reset = self
+                    .client
+                    .update_item()
+                    .table_name(table)
+                    .set_key(Some(at))
+                    .update_expression("SET #a = :f, #si = :f, #v = #v + :one REMOVE #h, #k")
+                    .condition_expression("attribute_exists(inbox)")
+                    .expression_attribute_names("#a", "after")
+                    .expression_attribute_names("#si", "since")
+                    .expression_attribute_names("#h", "held")
+                    .expression_attribute_names("#k", "acked")
+                    .expression_attribute_names("#v", "version")
+                    .expression_attribute_values(":f", s(floor))
+                    .expression_attribute_values(":one", n(1))
+                    .send()
+                    .await;
+                unless_condition_failed(reset)
+            }
+        });
+        in_parallel(resets.collect()).await.map(drop)
     }
 
     /// Of these recipient keys of a group message, those still holding it.
@@ -301,7 +338,7 @@ impl DynamoTables {
             .collect();
         let mut holding = std::collections::HashSet::new();
         for item in self.get_batches(&self.names.inbox_table, lookups, None).await? {
-            let position: PositionRow = from_item(item)?;
+            let position = position(item)?;
             if position.holds(id.as_str()) {
                 holding.insert(position.inbox);
             }
@@ -310,7 +347,9 @@ impl DynamoTables {
     }
 
     /// Up to `limit` group messages of one chat that this device holds,
-    /// after `cursor`, oldest first.
+    /// after `cursor`, oldest first. A device the chat's newer rows hold
+    /// nothing for has its position moved past them, so the next sync
+    /// does not read them again.
     pub(super) async fn shared_page(
         &self,
         inbox: &InboxKey,
@@ -320,22 +359,26 @@ impl DynamoTables {
         now: Millis,
     ) -> Result<Vec<(MessageId, String)>> {
         let chat = position.message_id.as_str();
-        let past = |id: &str| cursor.is_none_or(|c| id > c.as_str());
         let mut page = Vec::new();
-        let held: Vec<Item> = position
-            .held
-            .iter()
-            .filter(|h| past(h))
-            .take(limit)
-            .map(|h| key([("chatId", chat), ("messageId", h)]))
-            .collect();
-        for item in self.get_batches(&self.names.messages_table, held, None).await? {
-            if let Some(live) = from_item::<SharedBody>(item)?.live(now) {
-                page.push(live);
+        // Held ids past the cursor, a page's worth at a time until enough
+        // of them are live (an expired one is skipped, not counted).
+        let held: Vec<&String> =
+            position.held.iter().filter(|h| cursor.is_none_or(|c| h.as_str() > c.as_str())).collect();
+        for chunk in held.chunks(limit.max(1)) {
+            let keys = chunk.iter().map(|h| key([("chatId", chat), ("messageId", h)])).collect();
+            let mut live = Vec::new();
+            for item in self.get_batches(&self.names.messages_table, keys, None).await? {
+                live.extend(from_item::<SharedBody>(item)?.live(now));
+            }
+            live.sort_by(|a, b| a.0.cmp(&b.0));
+            page.extend(live);
+            if page.len() >= limit {
+                break;
             }
         }
+        let scanned_from_after = cursor.is_none_or(|c| c.as_str() <= position.after.as_str());
         let from = match cursor {
-            Some(c) if c.as_str() > position.after.as_str() => c.as_str(),
+            Some(c) if !scanned_from_after => c.as_str(),
             _ => position.after.as_str(),
         };
         let mut start = None;
@@ -372,56 +415,62 @@ impl DynamoTables {
                 break;
             }
         }
+        // Read to the chat's end from `after`, and nothing there for this
+        // device: no row older than a minute can still come.
+        if scanned_from_after && start.is_none() && newer == 0 {
+            let to = ulid_floor(wall_clock() - LATE_MS);
+            if to.as_str() > position.after.as_str() {
+                let mut next = position.clone();
+                next.advance(&to, Vec::new());
+                self.save_position(&next, position.version).await?;
+            }
+        }
         Ok(page)
     }
 
     /// Acks group messages: each id is looked up for its chat, and each
     /// chat's position of this device moves once. Returns the ids it held
-    /// with their chats; `rest` are the ids that are no group message this
-    /// device has a position for (inbox rows, or unknown).
+    /// with their chats; the ids with no pointer; and those a pointer
+    /// names but no position took, which may be inbox rows (a message kept
+    /// for a user with no device yet, claimed by their first device).
     pub(super) async fn ack_shared(
         &self,
         inbox: &InboxKey,
         ids: &[MessageId],
         consistent: bool,
         positions: &BTreeMap<ChatId, PositionRow>,
-    ) -> Result<(Vec<(MessageId, Option<ChatId>)>, Vec<MessageId>)> {
+    ) -> Result<AckedShared> {
         if positions.is_empty() || ids.is_empty() {
-            return Ok((Vec::new(), ids.to_vec()));
+            return Ok(AckedShared { unknown: ids.to_vec(), ..AckedShared::default() });
         }
         let found = self.pointers(ids, consistent).await?;
         let mut by_chat: BTreeMap<&ChatId, Vec<&MessageId>> = BTreeMap::new();
-        let mut rest = Vec::new();
-        let me = inbox.key();
+        let mut done = AckedShared::default();
+        let (me, user) = (inbox.key(), inbox.user());
         for id in ids {
             match found.get(id) {
-                Some(p) if p.sender.as_deref() != Some(&me) && positions.contains_key(&p.chat_id) => {
+                None => done.unknown.push(id.clone()),
+                Some(p) if p.sender.as_deref() == Some(&me) => {}
+                Some(p) if !p.pending.contains(user) && positions.contains_key(&p.chat_id) => {
                     by_chat.entry(&p.chat_id).or_default().push(id)
                 }
-                // Another chat's, or its own: nothing this device holds.
-                Some(_) => {}
-                None => rest.push(id.clone()),
+                Some(_) => done.untaken.push(id.clone()),
             }
         }
         let moves = by_chat.into_iter().map(|(chat, ids)| {
             let position = positions[chat].clone();
-            async move {
-                let acked = self.move_position(inbox, position, &ids).await?;
-                Ok(acked.into_iter().map(|id| (id, Some(chat.clone()))).collect::<Vec<_>>())
-            }
+            async move { Ok((chat, ids.clone(), self.move_position(position, &ids).await?)) }
         });
-        let acked = in_parallel(moves.collect()).await?.into_iter().flatten().collect();
-        Ok((acked, rest))
+        for (chat, asked, acked) in in_parallel(moves.collect()).await? {
+            done.untaken.extend(asked.into_iter().filter(|id| !acked.contains(id)).cloned());
+            done.acked.extend(acked.into_iter().map(|id| (id, Some(chat.clone()))));
+        }
+        Ok(done)
     }
 
     /// Records the acks of `ids` on one position, conditional on its
-    /// version; read again and retried if another ack moved it meanwhile.
-    async fn move_position(
-        &self,
-        inbox: &InboxKey,
-        mut position: PositionRow,
-        ids: &[&MessageId],
-    ) -> Result<Vec<MessageId>> {
+    /// version; read again and retried if another write moved it meanwhile.
+    async fn move_position(&self, mut position: PositionRow, ids: &[&MessageId]) -> Result<Vec<MessageId>> {
         for _ in 0..ACK_ATTEMPTS {
             let mut next = position.clone();
             let acked: Vec<MessageId> =
@@ -429,24 +478,14 @@ impl DynamoTables {
             if acked.is_empty() {
                 return Ok(acked);
             }
+            // What is held past retention is gone from the chat anyway.
+            let expired = ulid_floor(wall_clock() - RETENTION_MS);
+            next.held.retain(|h| h.as_str() > expired.as_str());
             if next.acked.len() > COMPACT_AT {
-                self.compact(inbox, &mut next).await?;
+                self.compact(&mut next).await?;
             }
-            next.version += 1;
-            let put = self
-                .client
-                .put_item()
-                .table_name(&self.names.inbox_table)
-                .set_item(Some(to_item(&next)?))
-                .condition_expression("#v = :v")
-                .expression_attribute_names("#v", "version")
-                .expression_attribute_values(":v", n(position.version as i64))
-                .send()
-                .await;
-            match put {
-                Ok(_) => return Ok(acked),
-                Err(e) if condition_failed(&e) => {}
-                Err(e) => return Err(sdk_error(e)),
+            if self.save_position(&next, position.version).await? {
+                return Ok(acked);
             }
             let again = self
                 .client
@@ -458,23 +497,63 @@ impl DynamoTables {
                 .await
                 .map_err(sdk_error)?;
             match again.item {
-                Some(item) => position = from_item(item)?,
-                // Removed meanwhile (the device, or its expiry): nothing left to ack.
+                Some(item) => position = self::position(item)?,
+                // Gone meanwhile (expired): nothing left to ack.
                 None => return Ok(Vec::new()),
             }
         }
         Err(Error::unavailable("an inbox position kept changing under its ack; retry"))
     }
 
+    /// Writes a position's `after`, `held` and `acked` if its version is
+    /// still `version` (never its expiry, which sends push out); false if
+    /// another write moved it first.
+    async fn save_position(&self, position: &PositionRow, version: u64) -> Result<bool> {
+        let mut set = vec!["#a = :a", "#v = :next"];
+        let mut remove = Vec::new();
+        let list = |ids: &[String]| AttributeValue::L(ids.iter().map(|id| s(id.as_str())).collect());
+        let mut update = self
+            .client
+            .update_item()
+            .table_name(&self.names.inbox_table)
+            .set_key(Some(key([("inbox", &position.inbox), ("messageId", position.message_id.as_str())])))
+            .condition_expression("#v = :v")
+            .expression_attribute_names("#a", "after")
+            .expression_attribute_names("#h", "held")
+            .expression_attribute_names("#k", "acked")
+            .expression_attribute_names("#v", "version")
+            .expression_attribute_values(":a", s(&position.after))
+            .expression_attribute_values(":v", n(version as i64))
+            .expression_attribute_values(":next", n(version as i64 + 1));
+        for (name, value, ids) in [("#h", ":h", &position.held), ("#k", ":k", &position.acked)] {
+            if ids.is_empty() {
+                remove.push(name);
+            } else {
+                set.push(if name == "#h" { "#h = :h" } else { "#k = :k" });
+                update = update.expression_attribute_values(value, list(ids));
+            }
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        match update.update_expression(expression).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if condition_failed(&e) => Ok(false),
+            Err(e) => Err(sdk_error(e)),
+        }
+    }
+
     /// Moves `after` up to the newest acked id old enough that no row older
     /// can still land, reading which rows in between list this device.
-    async fn compact(&self, inbox: &InboxKey, position: &mut PositionRow) -> Result<()> {
-        let cutoff = wall_clock() - LATE_MS;
+    async fn compact(&self, position: &mut PositionRow) -> Result<()> {
+        let now = wall_clock();
         let Some(newest) =
-            position.acked.iter().rev().find(|a| ulid_millis(a).is_some_and(|t| t < cutoff)).cloned()
+            position.acked.iter().rev().find(|a| ulid_millis(a).is_some_and(|t| t < now - LATE_MS)).cloned()
         else {
             return Ok(());
         };
+        let me = position.inbox.strip_prefix("positions#").unwrap_or_default().to_owned();
         // One page of rows at most, so an ack never reads a long stretch
         // of the chat at once: `after` then stops at the last row read.
         let out = self
@@ -483,13 +562,14 @@ impl DynamoTables {
             .table_name(&self.names.messages_table)
             .consistent_read(true)
             .key_condition_expression("chatId = :c AND messageId BETWEEN :from AND :to")
-            .filter_expression("contains(#s.recipients, :me)")
+            .filter_expression("contains(#s.recipients, :me) AND expiresAt > :now")
             .projection_expression("messageId")
             .expression_attribute_names("#s", "shared")
             .expression_attribute_values(":c", s(position.message_id.as_str()))
             .expression_attribute_values(":from", s(&position.after))
             .expression_attribute_values(":to", s(&newest))
-            .expression_attribute_values(":me", s(inbox.key()))
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":now", n(now_secs(now)))
             .limit(COMPACT_READ)
             .send()
             .await
@@ -509,7 +589,9 @@ impl DynamoTables {
 
     /// The clean-up's part for group messages: the text of each one no
     /// device holds any more goes (the row stays for its dedupe key and
-    /// the fan-out's safety net, as the mark leaves other rows). Returns how many.
+    /// the fan-out's safety net, as the mark leaves other rows), and the
+    /// recipients of one still held shrink to those holding it, so the
+    /// next run reads only theirs. Returns how many texts went.
     pub(super) async fn drop_finished_shared(&self, now: Millis) -> Result<u64> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
@@ -540,24 +622,32 @@ impl DynamoTables {
                 let listed = listed?;
                 let keys: Vec<InboxKey> =
                     listed.shared.recipients.iter().filter_map(|k| InboxKey::parse(k)).collect();
-                if !self.shared_holders(&listed.chat_id, &listed.message_id, &keys).await?.is_empty() {
-                    return Ok(0);
-                }
-                let dropped = self
+                let devices = keys.iter().filter(|k| matches!(k, InboxKey::Device(..))).count();
+                let holding = self.shared_holders(&listed.chat_id, &listed.message_id, &keys).await?;
+                let at =
+                    key([("chatId", listed.chat_id.as_str()), ("messageId", listed.message_id.as_str())]);
+                let update = self
                     .client
                     .update_item()
                     .table_name(&self.names.messages_table)
-                    .set_key(Some(key([
-                        ("chatId", listed.chat_id.as_str()),
-                        ("messageId", listed.message_id.as_str()),
-                    ])))
-                    .update_expression("REMOVE #s")
+                    .set_key(Some(at))
                     .condition_expression("attribute_exists(#s)")
-                    .expression_attribute_names("#s", "shared")
-                    .send()
-                    .await;
-                match dropped {
-                    Ok(_) => Ok(1),
+                    .expression_attribute_names("#s", "shared");
+                let update = if holding.is_empty() {
+                    update.update_expression("REMOVE #s")
+                } else if holding.len() < devices {
+                    // The users with no device yet keep their own inbox rows.
+                    let keep =
+                        keys.iter().filter(|k| matches!(k, InboxKey::Pending(_)) || holding.contains(k));
+                    let keep = keep.map(|k| s(k.key())).collect();
+                    update
+                        .update_expression("SET #s.recipients = :keep")
+                        .expression_attribute_values(":keep", AttributeValue::L(keep))
+                } else {
+                    return Ok(0);
+                };
+                match update.send().await {
+                    Ok(_) => Ok(u64::from(holding.is_empty())),
                     Err(e) if condition_failed(&e) => Ok(0),
                     Err(e) => Err(sdk_error(e)),
                 }
@@ -566,6 +656,27 @@ impl DynamoTables {
         }
         Ok(dropped)
     }
+}
+
+/// What [`DynamoTables::ack_shared`] made of an ack's ids.
+#[derive(Default)]
+pub(super) struct AckedShared {
+    /// Held by a position, now acked, with their chat.
+    pub(super) acked: Vec<(MessageId, Option<ChatId>)>,
+    /// No pointer found.
+    pub(super) unknown: Vec<MessageId>,
+    /// A pointer found, but no position took the id.
+    pub(super) untaken: Vec<MessageId>,
+}
+
+/// A position as read, its lists sorted (a retried send appends to `held`).
+fn position(item: Item) -> Result<PositionRow> {
+    let mut position: PositionRow = from_item(item)?;
+    position.held.sort();
+    position.held.dedup();
+    position.acked.sort();
+    position.acked.dedup();
+    Ok(position)
 }
 
 /// A conditional write that lost to an equal one is as good as done.
@@ -610,6 +721,7 @@ mod tests {
             inbox: "positions#bob#phone".into(),
             message_id: ChatId::try_from("chat".to_owned()).unwrap(),
             after: after.into(),
+            since: after.into(),
             held: Vec::new(),
             acked: Vec::new(),
             version: 0,
