@@ -197,7 +197,7 @@ impl DynamoTables {
                 Some(f) => (f.expires_at < expires_at, id <= f.since.as_str()),
             };
             let (chat, floor) = (&message.chat, &floor);
-            (make || hold).then(|| async move {
+            (make || hold).then_some(async move {
                 let at = key([("inbox", &partition), ("messageId", chat.as_str())]);
                 if make {
                     // Made, or its expiry pushed a day past the message's, in
