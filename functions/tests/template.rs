@@ -336,6 +336,11 @@ fn timeouts_leave_room_for_each_other() {
         "the fan-out check ({check} s) must wait out a running send ({send_timeout} s)"
     );
     assert!(check <= 900, "SQS delays a message by at most 15 minutes");
+    assert!(
+        send_timeout * 1000 < courier_aws::LATE_ROW_MS as u64,
+        "a group position moves only past ids older than {} ms: a send ({send_timeout} s) must land its row sooner",
+        courier_aws::LATE_ROW_MS
+    );
     for (id, _) in t.of_type("AWS::Serverless::Function") {
         let timeout = seconds(&t.function_property(id, "Timeout"));
         let routed = t.of_type("AWS::ApiGatewayV2::Integration").into_iter().any(|(_, i)| {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use aws_sdk_dynamodb::config::SharedInterceptor;
 
-pub use dynamo::DynamoTables;
+pub use dynamo::{DynamoTables, LATE_ROW_MS};
 pub use push::ApiGatewayPush;
 pub use s3::S3Blobs;
 pub use sqs::{SqsJobs, done_receipts, lambda_event};

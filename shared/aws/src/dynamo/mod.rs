@@ -15,6 +15,8 @@ mod receipts;
 mod rows;
 mod shared;
 
+pub use shared::LATE_ROW_MS;
+
 use std::collections::{HashMap, HashSet};
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};

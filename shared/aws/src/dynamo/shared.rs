@@ -19,7 +19,7 @@
 //!
 //! Ids are ULIDs, ordered by the time the sender's function made them, and
 //! a row may land up to that function's timeout after its id's time. So a
-//! position moves `after` only past ids older than [`LATE_MS`], and a new
+//! position moves `after` only past ids older than [`LATE_ROW_MS`], and a new
 //! position starts that far before the message that made it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -44,8 +44,9 @@ use courier_core::ports::StoredMessage;
 pub(super) const SHARED_FROM: usize = 6;
 
 /// How long after its id's time a message row may still land: more than
-/// sendMessage's timeout (template.yaml: 10 s), with room for clock skew.
-const LATE_MS: Millis = 60_000;
+/// sendMessage's timeout (template.yaml: 10 s; functions/tests/template.rs
+/// checks it), with room for clock skew.
+pub const LATE_ROW_MS: Millis = 60_000;
 
 /// Acked ids a position keeps above `after` before an ack moves `after`.
 const COMPACT_AT: usize = 64;
@@ -187,7 +188,7 @@ impl DynamoTables {
             .into_iter()
             .map(|item| from_item::<Found>(item).map(|f| (f.inbox.clone(), f)))
             .collect::<Result<_>>()?;
-        let floor = ulid_floor(message.timestamp - LATE_MS);
+        let floor = ulid_floor(message.timestamp - LATE_ROW_MS);
         let id = message.id.as_str();
         let writes = devices.into_iter().filter_map(|partition| {
             let (make, hold) = match found.get(&partition) {
@@ -418,7 +419,7 @@ impl DynamoTables {
         // Read to the chat's end from `after`, and nothing there for this
         // device: no row older than a minute can still come.
         if scanned_from_after && start.is_none() && newer == 0 {
-            let to = ulid_floor(wall_clock() - LATE_MS);
+            let to = ulid_floor(wall_clock() - LATE_ROW_MS);
             if to.as_str() > position.after.as_str() {
                 let mut next = position.clone();
                 next.advance(&to, Vec::new());
@@ -548,8 +549,12 @@ impl DynamoTables {
     /// can still land, reading which rows in between list this device.
     async fn compact(&self, position: &mut PositionRow) -> Result<()> {
         let now = wall_clock();
-        let Some(newest) =
-            position.acked.iter().rev().find(|a| ulid_millis(a).is_some_and(|t| t < now - LATE_MS)).cloned()
+        let Some(newest) = position
+            .acked
+            .iter()
+            .rev()
+            .find(|a| ulid_millis(a).is_some_and(|t| t < now - LATE_ROW_MS))
+            .cloned()
         else {
             return Ok(());
         };
