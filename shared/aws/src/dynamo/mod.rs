@@ -52,6 +52,93 @@ impl DynamoTables {
     }
 }
 
+/// An expression's attribute names and values, as data.
+type Names<'a> = &'a [(&'a str, &'a str)];
+type Values<'a> = Vec<(&'a str, AttributeValue)>;
+
+fn names_of(names: Names) -> Option<HashMap<String, String>> {
+    (!names.is_empty()).then(|| names.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+}
+
+fn values_of(values: Values) -> Option<HashMap<String, AttributeValue>> {
+    (!values.is_empty()).then(|| values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+/// One page of a Query: the items, and where the next page starts.
+pub(crate) struct Page {
+    pub(crate) items: Vec<Item>,
+    pub(crate) next: Option<Item>,
+}
+
+/// What a Query asks, as data (see [`DynamoTables::query_page`]).
+#[derive(Default)]
+pub(crate) struct QueryOf<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) filter: Option<&'a str>,
+    pub(crate) projection: Option<&'a str>,
+    pub(crate) names: Names<'a>,
+    pub(crate) limit: Option<i32>,
+    pub(crate) start: Option<Item>,
+}
+
+impl DynamoTables {
+    /// One conditional UpdateItem; false when its condition did not hold.
+    /// The expressions come as data so that every caller shares one
+    /// instance of the call: each inlined SDK call costs the Lambda
+    /// bootstraps, which have a size budget (scripts/sam-build).
+    pub(crate) async fn update(
+        &self,
+        table: &str,
+        at: Item,
+        expression: &str,
+        condition: &str,
+        names: Names<'_>,
+        values: Values<'_>,
+    ) -> Result<bool> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(table)
+            .set_key(Some(at))
+            .update_expression(expression)
+            .condition_expression(condition)
+            .set_expression_attribute_names(names_of(names))
+            .set_expression_attribute_values(values_of(values))
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(true),
+            Err(e) if condition_failed(&e) => Ok(false),
+            Err(e) => Err(crate::sdk_error(e)),
+        }
+    }
+
+    /// One strongly consistent Query page, shared by its callers as [`Self::update`] is.
+    pub(crate) async fn query_page(
+        &self,
+        table: &str,
+        query: QueryOf<'_>,
+        values: Values<'_>,
+    ) -> Result<Page> {
+        let out = self
+            .client
+            .query()
+            .table_name(table)
+            .consistent_read(true)
+            .key_condition_expression(query.key)
+            .set_filter_expression(query.filter.map(str::to_owned))
+            .set_projection_expression(query.projection.map(str::to_owned))
+            .set_expression_attribute_names(names_of(query.names))
+            .set_expression_attribute_values(values_of(values))
+            .set_limit(query.limit)
+            .set_exclusive_start_key(query.start)
+            .send()
+            .await
+            .map_err(crate::sdk_error)?;
+        Ok(Page { items: out.items.unwrap_or_default(), next: out.last_evaluated_key })
+    }
+}
+
 fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }

@@ -161,9 +161,9 @@ impl From<MessageRow> for StoredMessage {
     }
 }
 
-/// Where one device stands in one chat's group messages (see `shared`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// Where one device stands in one chat's group messages: written and read
+/// by hand in `shared`, not through serde (see `shared::position`).
+#[derive(Clone, Debug)]
 pub(super) struct PositionRow {
     /// `positions#user#device`
     pub(super) inbox: String,
@@ -175,31 +175,11 @@ pub(super) struct PositionRow {
     /// that lists the device was never counted in, and goes in `held`.
     pub(super) since: String,
     /// Sorted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) held: Vec<String>,
     /// Acked after `after`; sorted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) acked: Vec<String>,
     /// Bumped by every ack: the condition of the next.
     pub(super) version: u64,
-    pub(super) expires_at: i64,
-}
-
-/// Names a group message's chat, for an ack (which names ids only).
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct PointerRow {
-    /// `message#id#chat`
-    pub(super) inbox: String,
-    pub(super) message_id: MessageId,
-    pub(super) chat_id: ChatId,
-    /// The sending device's inbox key: it never holds its own message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) sender: Option<String>,
-    /// The users who had no device at the send: their copy is an inbox
-    /// row, which their first device claims and acks as such.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(super) pending: Vec<UserId>,
     pub(super) expires_at: i64,
 }
 

@@ -24,17 +24,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
-use serde::Deserialize;
 
 use super::messages::ulid_millis;
-use super::rows::{PointerRow, PositionRow, from_item, to_item};
-use super::{DynamoTables, Item, condition_failed, in_parallel, key, n, now_secs, s, unique};
+use super::rows::PositionRow;
+use super::{DynamoTables, Item, QueryOf, in_parallel, key, n, now_secs, s, unique};
 use crate::sdk_error;
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::{Error, Result};
-use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
+use courier_core::ids::{ChatId, MessageId};
 use courier_core::ports::StoredMessage;
 
 /// Recipient devices from which a chat message is stored once. A chat of
@@ -139,29 +137,20 @@ impl DynamoTables {
     /// crash after it loses nothing.
     pub(super) async fn share(&self, message: &StoredMessage, expires_at: i64) -> Result<()> {
         let table = &self.names.inbox_table;
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Sender {
-            user_id: UserId,
-            device_id: DeviceId,
-        }
-        let sender = serde_json::from_str::<Sender>(&message.json).ok();
         let pending = message.recipients.iter().filter_map(|k| match k {
-            InboxKey::Pending(user) => Some(user.clone()),
+            InboxKey::Pending(user) => Some(user.to_string()),
             InboxKey::Device(..) => None,
         });
-        let pointer = PointerRow {
-            inbox: pointer_of(&message.id),
+        let pointer = Pointer {
             message_id: message.id.clone(),
             chat_id: message.chat.clone(),
-            sender: sender.map(|s| InboxKey::Device(s.user_id, s.device_id).key()),
             pending: pending.collect(),
             expires_at,
         };
         self.client
             .put_item()
             .table_name(table)
-            .set_item(Some(to_item(&pointer)?))
+            .set_item(Some(pointer.item()))
             .send()
             .await
             .map_err(sdk_error)?;
@@ -173,20 +162,13 @@ impl DynamoTables {
             .collect();
         let lookups =
             devices.iter().map(|p| key([("inbox", p), ("messageId", message.chat.as_str())])).collect();
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Found {
-            inbox: String,
-            expires_at: i64,
-            since: String,
-        }
         // Eventually consistent: a position is never deleted before its
         // expiry, and the writes below are conditional on what they find.
-        let found: HashMap<String, Found> = self
+        let found: HashMap<String, PositionRow> = self
             .get_batches_eventually(table, lookups, None)
             .await?
             .into_iter()
-            .map(|item| from_item::<Found>(item).map(|f| (f.inbox.clone(), f)))
+            .map(|item| position(item).map(|f| (f.inbox.clone(), f)))
             .collect::<Result<_>>()?;
         let floor = ulid_floor(message.timestamp - LATE_ROW_MS);
         let id = message.id.as_str();
@@ -204,46 +186,32 @@ impl DynamoTables {
                     // Made, or its expiry pushed a day past the message's, in
                     // one write whichever: a racing send's or TTL's change in
                     // between only makes the condition fail or the item anew.
-                    let made = self
-                        .client
-                        .update_item()
-                        .table_name(table)
-                        .set_key(Some(at.clone()))
-                        .update_expression(
-                            "SET expiresAt = :e, #a = if_not_exists(#a, :f), #si = if_not_exists(#si, :f), \
-                             #v = if_not_exists(#v, :zero)",
-                        )
-                        .condition_expression("attribute_not_exists(inbox) OR expiresAt < :e")
-                        .expression_attribute_names("#a", "after")
-                        .expression_attribute_names("#si", "since")
-                        .expression_attribute_names("#v", "version")
-                        .expression_attribute_values(":e", n(expires_at + REFRESH_SECS))
-                        .expression_attribute_values(":f", s(floor))
-                        .expression_attribute_values(":zero", n(0))
-                        .send()
-                        .await;
-                    unless_condition_failed(made)?;
+                    self.update(
+                        table,
+                        at.clone(),
+                        "SET expiresAt = :e, #a = if_not_exists(#a, :f), #si = if_not_exists(#si, :f), \
+                         #v = if_not_exists(#v, :zero)",
+                        "attribute_not_exists(inbox) OR expiresAt < :e",
+                        &[("#a", "after"), ("#si", "since"), ("#v", "version")],
+                        vec![(":e", n(expires_at + REFRESH_SECS)), (":f", s(floor)), (":zero", n(0))],
+                    )
+                    .await?;
                 }
                 if hold {
-                    let held = self
-                        .client
-                        .update_item()
-                        .table_name(table)
-                        .set_key(Some(at))
-                        .update_expression(
-                            "SET #h = list_append(if_not_exists(#h, :none), :id), #v = #v + :one",
-                        )
-                        .condition_expression("#si >= :i AND NOT contains(#h, :i)")
-                        .expression_attribute_names("#h", "held")
-                        .expression_attribute_names("#si", "since")
-                        .expression_attribute_names("#v", "version")
-                        .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
-                        .expression_attribute_values(":id", AttributeValue::L(vec![s(id)]))
-                        .expression_attribute_values(":i", s(id))
-                        .expression_attribute_values(":one", n(1))
-                        .send()
-                        .await;
-                    unless_condition_failed(held)?;
+                    self.update(
+                        table,
+                        at,
+                        "SET #h = list_append(if_not_exists(#h, :none), :id), #v = #v + :one",
+                        "#si >= :i AND NOT contains(#h, :i)",
+                        &[("#h", "held"), ("#si", "since"), ("#v", "version")],
+                        vec![
+                            (":none", AttributeValue::L(Vec::new())),
+                            (":id", AttributeValue::L(vec![s(id)])),
+                            (":i", s(id)),
+                            (":one", n(1)),
+                        ],
+                    )
+                    .await?;
                 }
                 Ok(())
             })
@@ -252,7 +220,7 @@ impl DynamoTables {
     }
 
     /// The pointers of these ids (group messages stored once), by id.
-    async fn pointers(&self, ids: &[MessageId], consistent: bool) -> Result<HashMap<MessageId, PointerRow>> {
+    async fn pointers(&self, ids: &[MessageId], consistent: bool) -> Result<HashMap<MessageId, Pointer>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -263,7 +231,7 @@ impl DynamoTables {
             true => self.get_batches(table, lookups, None).await?,
             false => self.get_batches_eventually(table, lookups, None).await?,
         };
-        items.into_iter().map(|i| from_item::<PointerRow>(i).map(|p| (p.message_id.clone(), p))).collect()
+        items.iter().map(|i| Pointer::from_item(i).map(|p| (p.message_id.clone(), p))).collect()
     }
 
     /// The chat of a group message stored once, while it lives; `None` for any other message.
@@ -278,7 +246,7 @@ impl DynamoTables {
             .await
             .map_err(sdk_error)?;
         let Some(item) = out.item else { return Ok(None) };
-        let pointer: PointerRow = from_item(item)?;
+        let pointer = Pointer::from_item(&item)?;
         Ok((pointer.expires_at > now_secs(now)).then_some(pointer.chat_id))
     }
 
@@ -299,30 +267,20 @@ impl DynamoTables {
         let floor = ulid_floor(wall_clock());
         let table = &self.names.inbox_table;
         let items = self.inbox_partition(&positions_of(inbox), Some("inbox, messageId")).await?;
-        let resets = items.into_iter().map(|at| {
-            let floor = &floor;
-            async move {
-                // The version moves on, so an ack that read the old state fails its condition.
-                let reset = self
-                    .client
-                    .update_item()
-                    .table_name(table)
-                    .set_key(Some(at))
-                    .update_expression("SET #a = :f, #si = :f, #v = #v + :one REMOVE #h, #k")
-                    .condition_expression("attribute_exists(inbox)")
-                    .expression_attribute_names("#a", "after")
-                    .expression_attribute_names("#si", "since")
-                    .expression_attribute_names("#h", "held")
-                    .expression_attribute_names("#k", "acked")
-                    .expression_attribute_names("#v", "version")
-                    .expression_attribute_values(":f", s(floor))
-                    .expression_attribute_values(":one", n(1))
-                    .send()
-                    .await;
-                unless_condition_failed(reset)
-            }
-        });
-        in_parallel(resets.collect()).await.map(drop)
+        // One at a time: a device is in few group chats, and removing one is rare.
+        for at in items {
+            // The version moves on, so an ack that read the old state fails its condition.
+            self.update(
+                table,
+                at,
+                "SET #a = :f, #si = :f, #v = #v + :one REMOVE #h, #k",
+                "attribute_exists(inbox)",
+                &[("#a", "after"), ("#si", "since"), ("#h", "held"), ("#k", "acked"), ("#v", "version")],
+                vec![(":f", s(&floor)), (":one", n(1))],
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Of these recipient keys of a group message, those still holding it.
@@ -369,7 +327,7 @@ impl DynamoTables {
             let keys = chunk.iter().map(|h| key([("chatId", chat), ("messageId", h)])).collect();
             let mut live = Vec::new();
             for item in self.get_batches(&self.names.messages_table, keys, None).await? {
-                live.extend(from_item::<SharedBody>(item)?.live(now));
+                live.extend(live_body(&item, now)?);
             }
             live.sort_by(|a, b| a.0.cmp(&b.0));
             page.extend(live);
@@ -385,33 +343,30 @@ impl DynamoTables {
         let mut start = None;
         let mut newer = 0;
         while newer < limit {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.names.messages_table)
-                .consistent_read(true)
-                .key_condition_expression("chatId = :c AND messageId > :from")
-                .filter_expression("contains(#s.recipients, :me) AND expiresAt > :now")
-                .projection_expression("messageId, #s.body, expiresAt")
-                .expression_attribute_names("#s", "shared")
-                .expression_attribute_values(":c", s(chat))
-                .expression_attribute_values(":from", s(from))
-                .expression_attribute_values(":me", s(inbox.key()))
-                .expression_attribute_values(":now", n(now_secs(now)))
-                .limit((limit - newer).min(i32::MAX as usize) as i32)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(sdk_error)?;
-            for item in out.items.unwrap_or_default() {
-                if let Some((id, body)) = from_item::<SharedBody>(item)?.live(now)
+            let query = QueryOf {
+                key: "chatId = :c AND messageId > :from",
+                filter: Some("contains(#s.recipients, :me) AND expiresAt > :now"),
+                projection: Some("messageId, #s.body, expiresAt"),
+                names: &[("#s", "shared")],
+                limit: Some((limit - newer).min(i32::MAX as usize) as i32),
+                start: start.take(),
+            };
+            let values = vec![
+                (":c", s(chat)),
+                (":from", s(from)),
+                (":me", s(inbox.key())),
+                (":now", n(now_secs(now))),
+            ];
+            let found = self.query_page(&self.names.messages_table, query, values).await?;
+            for item in found.items {
+                if let Some((id, body)) = live_body(&item, now)?
                     && position.acked.binary_search_by(|a| a.as_str().cmp(id.as_str())).is_err()
                 {
                     page.push((id, body));
                     newer += 1;
                 }
             }
-            start = out.last_evaluated_key;
+            start = found.next;
             if start.is_none() {
                 break;
             }
@@ -447,22 +402,22 @@ impl DynamoTables {
         let found = self.pointers(ids, consistent).await?;
         let mut by_chat: BTreeMap<&ChatId, Vec<&MessageId>> = BTreeMap::new();
         let mut done = AckedShared::default();
-        let (me, user) = (inbox.key(), inbox.user());
+        let user = inbox.user();
         for id in ids {
             match found.get(id) {
                 None => done.unknown.push(id.clone()),
-                Some(p) if p.sender.as_deref() == Some(&me) => {}
-                Some(p) if !p.pending.contains(user) && positions.contains_key(&p.chat_id) => {
+                Some(p)
+                    if !p.pending.iter().any(|u| u == user.as_str())
+                        && positions.contains_key(&p.chat_id) =>
+                {
                     by_chat.entry(&p.chat_id).or_default().push(id)
                 }
                 Some(_) => done.untaken.push(id.clone()),
             }
         }
-        let moves = by_chat.into_iter().map(|(chat, ids)| {
-            let position = positions[chat].clone();
-            async move { Ok((chat, ids.clone(), self.move_position(position, &ids).await?)) }
-        });
-        for (chat, asked, acked) in in_parallel(moves.collect()).await? {
+        // One chat after another: an ack frame names one chat's ids, as a rule.
+        for (chat, asked) in by_chat {
+            let acked = self.move_position(positions[chat].clone(), &asked).await?;
             done.untaken.extend(asked.into_iter().filter(|id| !acked.contains(id)).cloned());
             done.acked.extend(acked.into_iter().map(|id| (id, Some(chat.clone()))));
         }
@@ -488,16 +443,11 @@ impl DynamoTables {
             if self.save_position(&next, position.version).await? {
                 return Ok(acked);
             }
-            let again = self
-                .client
-                .get_item()
-                .table_name(&self.names.inbox_table)
-                .set_key(Some(key([("inbox", &position.inbox), ("messageId", position.message_id.as_str())])))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(sdk_error)?;
-            match again.item {
+            // Read again (a Query of the one item: the call sync already makes).
+            let query = QueryOf { key: "inbox = :p AND messageId = :c", ..QueryOf::default() };
+            let values = vec![(":p", s(&position.inbox)), (":c", s(position.message_id.as_str()))];
+            let again = self.query_page(&self.names.inbox_table, query, values).await?;
+            match again.items.into_iter().next() {
                 Some(item) => position = self::position(item)?,
                 // Gone meanwhile (expired): nothing left to ack.
                 None => return Ok(Vec::new()),
@@ -510,39 +460,26 @@ impl DynamoTables {
     /// still `version` (never its expiry, which sends push out); false if
     /// another write moved it first.
     async fn save_position(&self, position: &PositionRow, version: u64) -> Result<bool> {
+        let list = |ids: &[String]| AttributeValue::L(ids.iter().map(|id| s(id.as_str())).collect());
         let mut set = vec!["#a = :a", "#v = :next"];
         let mut remove = Vec::new();
-        let list = |ids: &[String]| AttributeValue::L(ids.iter().map(|id| s(id.as_str())).collect());
-        let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.names.inbox_table)
-            .set_key(Some(key([("inbox", &position.inbox), ("messageId", position.message_id.as_str())])))
-            .condition_expression("#v = :v")
-            .expression_attribute_names("#a", "after")
-            .expression_attribute_names("#h", "held")
-            .expression_attribute_names("#k", "acked")
-            .expression_attribute_names("#v", "version")
-            .expression_attribute_values(":a", s(&position.after))
-            .expression_attribute_values(":v", n(version as i64))
-            .expression_attribute_values(":next", n(version as i64 + 1));
+        let mut values =
+            vec![(":a", s(&position.after)), (":v", n(version as i64)), (":next", n(version as i64 + 1))];
         for (name, value, ids) in [("#h", ":h", &position.held), ("#k", ":k", &position.acked)] {
             if ids.is_empty() {
                 remove.push(name);
             } else {
                 set.push(if name == "#h" { "#h = :h" } else { "#k = :k" });
-                update = update.expression_attribute_values(value, list(ids));
+                values.push((value, list(ids)));
             }
         }
         let mut expression = format!("SET {}", set.join(", "));
         if !remove.is_empty() {
             expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
         }
-        match update.update_expression(expression).send().await {
-            Ok(_) => Ok(true),
-            Err(e) if condition_failed(&e) => Ok(false),
-            Err(e) => Err(sdk_error(e)),
-        }
+        let at = key([("inbox", &position.inbox), ("messageId", position.message_id.as_str())]);
+        let names = [("#a", "after"), ("#h", "held"), ("#k", "acked"), ("#v", "version")];
+        self.update(&self.names.inbox_table, at, &expression, "#v = :v", &names, values).await
     }
 
     /// Moves `after` up to the newest acked id old enough that no row older
@@ -561,33 +498,31 @@ impl DynamoTables {
         let me = position.inbox.strip_prefix("positions#").unwrap_or_default().to_owned();
         // One page of rows at most, so an ack never reads a long stretch
         // of the chat at once: `after` then stops at the last row read.
-        let out = self
-            .client
-            .query()
-            .table_name(&self.names.messages_table)
-            .consistent_read(true)
-            .key_condition_expression("chatId = :c AND messageId BETWEEN :from AND :to")
-            .filter_expression("contains(#s.recipients, :me) AND expiresAt > :now")
-            .projection_expression("messageId")
-            .expression_attribute_names("#s", "shared")
-            .expression_attribute_values(":c", s(position.message_id.as_str()))
-            .expression_attribute_values(":from", s(&position.after))
-            .expression_attribute_values(":to", s(&newest))
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":now", n(now_secs(now)))
-            .limit(COMPACT_READ)
-            .send()
-            .await
-            .map_err(sdk_error)?;
+        let query = QueryOf {
+            key: "chatId = :c AND messageId BETWEEN :from AND :to",
+            filter: Some("contains(#s.recipients, :me) AND expiresAt > :now"),
+            projection: Some("messageId"),
+            names: &[("#s", "shared")],
+            limit: Some(COMPACT_READ),
+            start: None,
+        };
+        let values = vec![
+            (":c", s(position.message_id.as_str())),
+            (":from", s(&position.after)),
+            (":to", s(&newest)),
+            (":me", s(me)),
+            (":now", n(now_secs(now))),
+        ];
+        let out = self.query_page(&self.names.messages_table, query, values).await?;
         let id_of = |mut item: Item| match item.remove("messageId") {
             Some(AttributeValue::S(id)) => Some(id),
             _ => None,
         };
-        let to = match out.last_evaluated_key {
+        let to = match out.next {
             Some(last) => id_of(last).ok_or_else(|| Error::internal("a Messages key without messageId"))?,
             None => newest,
         };
-        let listing = out.items.unwrap_or_default().into_iter().filter_map(id_of).collect();
+        let listing = out.items.into_iter().filter_map(id_of).collect();
         position.advance(&to, listing);
         Ok(())
     }
@@ -598,17 +533,6 @@ impl DynamoTables {
     /// recipients of one still held shrink to those holding it, so the
     /// next run reads only theirs. Returns how many texts went.
     pub(super) async fn drop_finished_shared(&self, now: Millis) -> Result<u64> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Listed {
-            chat_id: ChatId,
-            message_id: MessageId,
-            shared: Recipients,
-        }
-        #[derive(Deserialize)]
-        struct Recipients {
-            recipients: Vec<String>,
-        }
         let mut pages = self
             .client
             .scan()
@@ -622,42 +546,55 @@ impl DynamoTables {
         let mut dropped = 0;
         while let Some(page) = pages.next().await {
             let page = page.map_err(sdk_error)?;
-            let listed = page.items.unwrap_or_default().into_iter().map(from_item::<Listed>);
-            let checks = listed.map(|listed| async move {
-                let listed = listed?;
-                let keys: Vec<InboxKey> =
-                    listed.shared.recipients.iter().filter_map(|k| InboxKey::parse(k)).collect();
-                let devices = keys.iter().filter(|k| matches!(k, InboxKey::Device(..))).count();
-                let holding = self.shared_holders(&listed.chat_id, &listed.message_id, &keys).await?;
-                let at =
-                    key([("chatId", listed.chat_id.as_str()), ("messageId", listed.message_id.as_str())]);
-                let update = self
-                    .client
-                    .update_item()
-                    .table_name(&self.names.messages_table)
-                    .set_key(Some(at))
-                    .condition_expression("attribute_exists(#s)")
-                    .expression_attribute_names("#s", "shared");
-                let update = if holding.is_empty() {
-                    update.update_expression("REMOVE #s")
-                } else if holding.len() < devices {
-                    // The users with no device yet keep their own inbox rows.
-                    let keep =
-                        keys.iter().filter(|k| matches!(k, InboxKey::Pending(_)) || holding.contains(k));
-                    let keep = keep.map(|k| s(k.key())).collect();
-                    update
-                        .update_expression("SET #s.recipients = :keep")
-                        .expression_attribute_values(":keep", AttributeValue::L(keep))
-                } else {
-                    return Ok(0);
-                };
-                match update.send().await {
-                    Ok(_) => Ok(u64::from(holding.is_empty())),
-                    Err(e) if condition_failed(&e) => Ok(0),
-                    Err(e) => Err(sdk_error(e)),
+            // The page's messages, then all their devices' positions in one
+            // batched read, then a write for each message that changes.
+            let mut listed = Vec::new();
+            let mut lookups = std::collections::BTreeSet::new();
+            for item in page.items.unwrap_or_default() {
+                let (chat, id) = (chat_id(&item)?, message_id(&item)?);
+                let shared = item.get("shared").and_then(|v| v.as_m().ok());
+                let keys: Vec<InboxKey> = shared
+                    .map(|m| texts(m, "recipients"))
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|k| InboxKey::parse(k))
+                    .collect();
+                for k in keys.iter().filter(|k| matches!(k, InboxKey::Device(..))) {
+                    lookups.insert((positions_of(&k.key()), chat.to_string()));
                 }
-            });
-            dropped += in_parallel(checks.collect()).await?.into_iter().sum::<u64>();
+                listed.push((chat, id, keys));
+            }
+            let mut positions = HashMap::new();
+            let lookups = lookups
+                .iter()
+                .map(|(p, c)| key([("inbox", p.as_str()), ("messageId", c.as_str())]))
+                .collect();
+            for item in self.get_batches(&self.names.inbox_table, lookups, None).await? {
+                let position = position(item)?;
+                positions.insert((position.inbox.clone(), position.message_id.clone()), position);
+            }
+            for (chat, id, keys) in listed {
+                let holds = |k: &InboxKey| {
+                    positions
+                        .get(&(positions_of(&k.key()), chat.clone()))
+                        .is_some_and(|p| p.holds(id.as_str()))
+                };
+                let devices = keys.iter().filter(|k| matches!(k, InboxKey::Device(..))).count();
+                let holding = keys.iter().filter(|k| holds(k)).count();
+                let at = key([("chatId", chat.as_str()), ("messageId", id.as_str())]);
+                let (table, exists, names) =
+                    (&self.names.messages_table, "attribute_exists(#s)", &[("#s", "shared")]);
+                if holding == 0 {
+                    dropped +=
+                        u64::from(self.update(table, at, "REMOVE #s", exists, names, Vec::new()).await?);
+                } else if holding < devices {
+                    // The users with no device yet keep their own inbox rows.
+                    let keep = keys.iter().filter(|k| matches!(k, InboxKey::Pending(_)) || holds(k));
+                    let keep = AttributeValue::L(keep.map(|k| s(k.key())).collect());
+                    self.update(table, at, "SET #s.recipients = :keep", exists, names, vec![(":keep", keep)])
+                        .await?;
+                }
+            }
         }
         Ok(dropped)
     }
@@ -675,46 +612,105 @@ pub(super) struct AckedShared {
 }
 
 /// A position as read, its lists sorted (a retried send appends to `held`).
+///
+/// This module reads and writes its items by hand, not through serde_dynamo:
+/// each struct that crate deserializes costs every Lambda bootstrap that
+/// links the table adapter several KB, and they have a size budget.
 fn position(item: Item) -> Result<PositionRow> {
-    let mut position: PositionRow = from_item(item)?;
-    position.held.sort();
-    position.held.dedup();
-    position.acked.sort();
-    position.acked.dedup();
-    Ok(position)
+    let mut held = texts(&item, "held");
+    let mut acked = texts(&item, "acked");
+    held.sort();
+    held.dedup();
+    acked.sort();
+    acked.dedup();
+    Ok(PositionRow {
+        inbox: required(text(&item, "inbox"), "inbox")?,
+        message_id: chat_of_position(&item)?,
+        after: required(text(&item, "after"), "after")?,
+        since: text(&item, "since").unwrap_or_default(),
+        held,
+        acked,
+        version: number(&item, "version").unwrap_or_default() as u64,
+        expires_at: number(&item, "expiresAt").unwrap_or_default(),
+    })
 }
 
-/// A conditional write that lost to an equal one is as good as done.
-fn unless_condition_failed<T, E>(written: std::result::Result<T, SdkError<E>>) -> Result<()>
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    match written {
-        Err(e) if condition_failed(&e) => Ok(()),
-        other => other.map(drop).map_err(sdk_error),
+/// Names a group message's chat, for an ack (which names ids only): the
+/// item `message#id#chat`, id.
+pub(super) struct Pointer {
+    pub(super) message_id: MessageId,
+    pub(super) chat_id: ChatId,
+    /// The users who had no device at the send: their copy is an inbox
+    /// row, which their first device claims and acks as such.
+    pub(super) pending: Vec<String>,
+    pub(super) expires_at: i64,
+}
+
+impl Pointer {
+    fn item(&self) -> Item {
+        let mut item =
+            key([("inbox", &pointer_of(&self.message_id)), ("messageId", self.message_id.as_str())]);
+        item.insert("chatId".into(), s(self.chat_id.as_str()));
+        item.insert("expiresAt".into(), n(self.expires_at));
+        if !self.pending.is_empty() {
+            item.insert(
+                "pending".into(),
+                AttributeValue::L(self.pending.iter().map(|u| s(u.as_str())).collect()),
+            );
+        }
+        item
+    }
+
+    fn from_item(item: &Item) -> Result<Self> {
+        Ok(Self {
+            message_id: message_id(item)?,
+            chat_id: chat_id(item)?,
+            pending: texts(item, "pending"),
+            expires_at: number(item, "expiresAt").unwrap_or_default(),
+        })
     }
 }
 
-/// A group message's text as sync reads it.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SharedBody {
-    message_id: MessageId,
-    #[serde(default)]
-    shared: Option<Body>,
-    expires_at: i64,
-}
-
-#[derive(Deserialize)]
-struct Body {
-    body: String,
-}
-
-impl SharedBody {
-    /// The id and text, unless expired or already dropped.
-    fn live(self, now: Millis) -> Option<(MessageId, String)> {
-        (self.expires_at > now_secs(now)).then_some((self.message_id, self.shared?.body))
+/// A group message's id and text as sync reads them, unless expired or already dropped.
+fn live_body(item: &Item, now: Millis) -> Result<Option<(MessageId, String)>> {
+    let live = number(item, "expiresAt").is_some_and(|e| e > now_secs(now));
+    let body = item.get("shared").and_then(|v| v.as_m().ok()).and_then(|m| text(m, "body"));
+    match body {
+        Some(body) if live => Ok(Some((message_id(item)?, body))),
+        _ => Ok(None),
     }
+}
+
+fn text(item: &Item, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned()
+}
+
+fn texts(item: &Item, name: &str) -> Vec<String> {
+    match item.get(name) {
+        Some(AttributeValue::L(values)) => values.iter().filter_map(|v| v.as_s().ok().cloned()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn number(item: &Item, name: &str) -> Option<i64> {
+    item.get(name).and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok())
+}
+
+fn required<T>(value: Option<T>, name: &str) -> Result<T> {
+    value.ok_or_else(|| Error::internal(format!("an item without {name}")))
+}
+
+fn message_id(item: &Item) -> Result<MessageId> {
+    MessageId::try_from(required(text(item, "messageId"), "messageId")?).map_err(Error::internal)
+}
+
+fn chat_id(item: &Item) -> Result<ChatId> {
+    ChatId::try_from(required(text(item, "chatId"), "chatId")?).map_err(Error::internal)
+}
+
+/// A position's chat, under the Inbox table's sort key.
+fn chat_of_position(item: &Item) -> Result<ChatId> {
+    ChatId::try_from(required(text(item, "messageId"), "messageId")?).map_err(Error::internal)
 }
 
 #[cfg(test)]
