@@ -48,6 +48,11 @@ pub async fn courier_with_blobs() -> Result<&'static Courier, Error> {
     wired(|aws, ports| Ports { blobs: aws.blobs(), ..ports }).await
 }
 
+/// [`courier`] with the scans that expire messages: the clean-up's alone.
+pub async fn courier_for_cleanup() -> Result<&'static Courier, Error> {
+    wired(|aws, ports| Ports { retention: aws.tables(), ..ports }).await
+}
+
 /// [`courier`] with SNS and Web Push: `wake`, which sends wake-ups and
 /// releases SNS endpoints, and registerPush, which makes them.
 pub async fn courier_with_wakeups() -> Result<&'static Courier, Error> {

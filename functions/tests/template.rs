@@ -242,8 +242,9 @@ fn connect_goes_through_the_token_authorizer() {
 }
 
 /// The readers of functions/src/lib.rs and the variables each reads.
-const READERS: [(&str, &[&str]); 5] = [
+const READERS: [(&str, &[&str]); 6] = [
     ("courier_functions::courier()", &ENV_VARS),
+    ("courier_functions::courier_for_cleanup()", &ENV_VARS),
     ("courier_functions::courier_with_blobs()", &ENV_VARS),
     ("courier_functions::courier_with_wakeups()", &ENV_VARS),
     (

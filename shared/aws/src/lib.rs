@@ -228,6 +228,8 @@ impl Aws {
             chats: tables.clone(),
             devices: tables.clone(),
             messages: tables.clone(),
+            // The clean-up's alone: see `with_retention`.
+            retention: Arc::new(Unwired),
             attachments: tables.clone(),
             quotas: tables.clone(),
             keys: tables.clone(),
@@ -252,7 +254,12 @@ impl Aws {
     }
 
     pub fn ports_with_clock(&self, clock: Arc<dyn Clock>) -> Ports {
-        Ports { blobs: self.blobs(), wakeups: self.wakeups(), ..self.tables_ports(clock) }
+        Ports {
+            blobs: self.blobs(),
+            wakeups: self.wakeups(),
+            retention: self.tables(),
+            ..self.tables_ports(clock)
+        }
     }
 }
 

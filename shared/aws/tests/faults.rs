@@ -202,6 +202,7 @@ impl World {
             chats: tables.clone(),
             devices: tables.clone(),
             messages: tables.clone(),
+            retention: tables.clone(),
             attachments: tables.clone(),
             quotas: tables.clone(),
             keys: tables.clone(),

@@ -42,6 +42,7 @@ pub fn ports(
         chats: Arc::new(store.clone()),
         devices: Arc::new(store.clone()),
         messages: Arc::new(store.clone()),
+        retention: Arc::new(store.clone()),
         attachments: Arc::new(store.clone()),
         quotas: Arc::new(store.clone()),
         keys: Arc::new(store.clone()),

@@ -10,8 +10,8 @@ use courier_core::domain::{Chat, InboxKey, Member, Millis};
 use courier_core::ids::{AttachmentId, ChatId, ConnectionId, DeviceId, IdGen, MessageId, UserId};
 use courier_core::ports::{
     Attachment, AttachmentStore, ChatStore, ClaimCount, Connected, DedupeKey, DeviceStore, KeyStore,
-    KeyUpload, Markers, MessageStore, OneTimeKey, Platform, PushRegistration, Quota, QuotaStore,
-    ReceiptStore, SignedKey, Store, StoredMessage, Uploaded, WebPushKeys,
+    KeyUpload, Markers, MessageRetention, MessageStore, OneTimeKey, Platform, PushRegistration, Quota,
+    QuotaStore, ReceiptStore, SignedKey, Store, StoredMessage, Uploaded, WebPushKeys,
 };
 
 /// The table ports of one adapter family.
@@ -20,6 +20,7 @@ pub struct Tables {
     pub chats: Arc<dyn ChatStore>,
     pub devices: Arc<dyn DeviceStore>,
     pub messages: Arc<dyn MessageStore>,
+    pub retention: Arc<dyn MessageRetention>,
     pub attachments: Arc<dyn AttachmentStore>,
     pub quotas: Arc<dyn QuotaStore>,
     pub keys: Arc<dyn KeyStore>,
@@ -502,7 +503,7 @@ pub async fn group_messages(t: &Tables) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         // Deployed, the clean-up drops it; the embedded store compacts on its own.
-        t.messages.expire_messages(NOW, 30 * DAY).await.unwrap();
+        t.retention.expire_messages(NOW, 30 * DAY).await.unwrap();
         let text = t.messages.message(&chat, &m1.id).await.unwrap().map(|m| m.json).unwrap_or_default();
         if !text.contains("first of the group") {
             break;
@@ -566,7 +567,7 @@ pub async fn expiry(t: &Tables) {
     );
     assert!(t.messages.holders(&old.id, std::slice::from_ref(&inbox), NOW).await.unwrap().is_empty());
     assert!(
-        t.messages.expire_messages(NOW, 30 * DAY).await.unwrap() >= 1,
+        t.retention.expire_messages(NOW, 30 * DAY).await.unwrap() >= 1,
         "what held the old message is deleted"
     );
     assert_eq!(t.messages.message(&chat, &old.id).await.unwrap(), None);

@@ -17,7 +17,7 @@ use crate::{SdkFailure, sdk_error};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::{Error, Result};
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
-use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+use courier_core::ports::{DedupeKey, MessageRetention, MessageStore, Store, StoredMessage};
 use courier_core::protocol::chat_of;
 
 /// Dedupe rows share the Messages partition of their chat under this sort-key prefix.
@@ -322,7 +322,10 @@ impl MessageStore for DynamoTables {
         self.write_batches(&self.names.inbox_table, deletes).await?;
         Ok(claimed)
     }
+}
 
+#[async_trait]
+impl MessageRetention for DynamoTables {
     /// Deployed, TTL does this within days and this job is a backstop; it is
     /// a Scan of two tables, so it runs on a schedule, never on a request.
     /// It also drops the text of group messages every device acked (see `shared`).

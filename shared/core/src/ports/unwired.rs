@@ -2,7 +2,9 @@
 
 use async_trait::async_trait;
 
-use super::{Attachment, Blobs, Job, Jobs, Posted, Presigned, Push, PushRegistration, Wakeups, Woken};
+use super::{
+    Attachment, Blobs, Job, Jobs, MessageRetention, Posted, Presigned, Push, PushRegistration, Wakeups, Woken,
+};
 use crate::domain::Millis;
 use crate::error::{Error, Result};
 use crate::ids::{ConnectionId, DeviceId, UserId};
@@ -44,6 +46,13 @@ impl Push for Unwired {
     }
     async fn close(&self, _: &ConnectionId) -> Result<()> {
         Self::call("push")
+    }
+}
+
+#[async_trait]
+impl MessageRetention for Unwired {
+    async fn expire_messages(&self, _: Millis, _: Millis) -> Result<u64> {
+        Self::call("retention")
     }
 }
 

@@ -18,8 +18,8 @@ use crate::domain::{Caller, Device, InboxKey, Limits, Millis};
 use crate::error::{Error, Result};
 use crate::ids::{ChatId, ConnectionId, IdGen, UserId};
 use crate::ports::{
-    AttachmentStore, Blobs, ChatStore, Clock, DedupeKey, DeviceStore, Jobs, KeyStore, MessageStore, Posted,
-    Push, Quota, QuotaStore, ReceiptStore, Wakeups,
+    AttachmentStore, Blobs, ChatStore, Clock, DedupeKey, DeviceStore, Jobs, KeyStore, MessageRetention,
+    MessageStore, Posted, Push, Quota, QuotaStore, ReceiptStore, Wakeups,
 };
 
 /// The ports a `Courier` runs on, chosen once at start-up.
@@ -28,6 +28,8 @@ pub struct Ports {
     pub chats: Arc<dyn ChatStore>,
     pub devices: Arc<dyn DeviceStore>,
     pub messages: Arc<dyn MessageStore>,
+    /// The clean-up's: deployed, only its function wires it.
+    pub retention: Arc<dyn MessageRetention>,
     pub attachments: Arc<dyn AttachmentStore>,
     pub quotas: Arc<dyn QuotaStore>,
     pub keys: Arc<dyn KeyStore>,
@@ -164,7 +166,7 @@ impl Courier {
         for user in users {
             self.announce_devices(&user, None).await;
         }
-        let rows = self.ports.messages.expire_messages(now, self.limits.retention_ms).await?;
+        let rows = self.ports.retention.expire_messages(now, self.limits.retention_ms).await?;
         let devices = expired.len() as u64;
         tracing::info!(devices, rows, "cleanup");
         Ok((devices, rows))

@@ -11,7 +11,7 @@ use super::rows::{dedupe_text, from_json, id, json, message_from_row};
 use courier_core::domain::{InboxKey, Millis};
 use courier_core::error::Result;
 use courier_core::ids::{ChatId, DeviceId, MessageId, UserId};
-use courier_core::ports::{DedupeKey, MessageStore, Store, StoredMessage};
+use courier_core::ports::{DedupeKey, MessageRetention, MessageStore, Store, StoredMessage};
 
 /// Log rows one expiry write deletes at most.
 const EXPIRE_SLICE: usize = 5_000;
@@ -327,7 +327,10 @@ impl MessageStore for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl MessageRetention for SqliteStore {
     async fn expire_messages(&self, now: Millis, _retention: Millis) -> Result<u64> {
         // In slices, each its own write: the writes of senders and ackers
         // queued meanwhile commit between them instead of after all of it.
