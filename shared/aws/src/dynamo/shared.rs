@@ -551,7 +551,7 @@ impl DynamoTables {
             let mut listed = Vec::new();
             let mut lookups = std::collections::BTreeSet::new();
             for item in page.items.unwrap_or_default() {
-                let (chat, id) = (chat_id(&item)?, message_id(&item)?);
+                let (chat, id): (ChatId, MessageId) = (id(&item, "chatId")?, id(&item, "messageId")?);
                 let shared = item.get("shared").and_then(|v| v.as_m().ok());
                 let keys: Vec<InboxKey> = shared
                     .map(|m| texts(m, "recipients"))
@@ -625,7 +625,8 @@ fn position(item: Item) -> Result<PositionRow> {
     acked.dedup();
     Ok(PositionRow {
         inbox: required(text(&item, "inbox"), "inbox")?,
-        message_id: chat_of_position(&item)?,
+        // The chat, under the Inbox table's sort key.
+        message_id: id(&item, "messageId")?,
         after: required(text(&item, "after"), "after")?,
         since: text(&item, "since").unwrap_or_default(),
         held,
@@ -663,8 +664,8 @@ impl Pointer {
 
     fn from_item(item: &Item) -> Result<Self> {
         Ok(Self {
-            message_id: message_id(item)?,
-            chat_id: chat_id(item)?,
+            message_id: id(item, "messageId")?,
+            chat_id: id(item, "chatId")?,
             pending: texts(item, "pending"),
             expires_at: number(item, "expiresAt").unwrap_or_default(),
         })
@@ -676,7 +677,7 @@ fn live_body(item: &Item, now: Millis) -> Result<Option<(MessageId, String)>> {
     let live = number(item, "expiresAt").is_some_and(|e| e > now_secs(now));
     let body = item.get("shared").and_then(|v| v.as_m().ok()).and_then(|m| text(m, "body"));
     match body {
-        Some(body) if live => Ok(Some((message_id(item)?, body))),
+        Some(body) if live => Ok(Some((id(item, "messageId")?, body))),
         _ => Ok(None),
     }
 }
@@ -700,17 +701,9 @@ fn required<T>(value: Option<T>, name: &str) -> Result<T> {
     value.ok_or_else(|| Error::internal(format!("an item without {name}")))
 }
 
-fn message_id(item: &Item) -> Result<MessageId> {
-    MessageId::try_from(required(text(item, "messageId"), "messageId")?).map_err(Error::internal)
-}
-
-fn chat_id(item: &Item) -> Result<ChatId> {
-    ChatId::try_from(required(text(item, "chatId"), "chatId")?).map_err(Error::internal)
-}
-
-/// A position's chat, under the Inbox table's sort key.
-fn chat_of_position(item: &Item) -> Result<ChatId> {
-    ChatId::try_from(required(text(item, "messageId"), "messageId")?).map_err(Error::internal)
+/// An id attribute, checked as its type checks it.
+fn id<T: TryFrom<String, Error = String>>(item: &Item, name: &str) -> Result<T> {
+    T::try_from(required(text(item, name), name)?).map_err(Error::internal)
 }
 
 #[cfg(test)]
